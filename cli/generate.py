@@ -1,0 +1,36 @@
+"""`mlx-llava generate`: one answer, streamed to the terminal."""
+
+import typer
+from typing_extensions import Annotated
+
+from . import app, options
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The question.")],
+    image: options.ImagePath = None,
+    model: options.Model = None,
+    max_tokens: options.MaxTokens = 256,
+    temperature: options.Temperature = 0.0,
+    top_p: options.TopP = 1.0,
+    seed: options.Seed = None,
+    repetition_penalty: options.RepetitionPenalty = None,
+    conv_mode: options.ConvMode = None,
+    system: options.System = None,
+    verbose: options.Verbose = False,
+):
+    """Answer one question about an image (or none)."""
+    from mlx_llava.generate import speed_line, stream_generate
+
+    llava, processor = options.load(model)
+    last = None
+    for last in stream_generate(
+        llava, processor, prompt, image,
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+        repetition_penalty=repetition_penalty, conv_mode=conv_mode, system=system,
+    ):
+        print(last.text, end="", flush=True)
+    print()
+    if verbose and last is not None:
+        print(speed_line(last))

@@ -1,0 +1,81 @@
+"""`mlx-llava train` and `mlx-llava fuse`."""
+
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
+from . import app
+
+Opt = typer.Option
+
+
+@app.command()
+def train(
+    stage: Annotated[Optional[int], Opt("--stage", help="1: projector alignment; 2: instruction tuning.")] = None,
+    data: Annotated[Optional[str], Opt("--data", help="LLaVA JSON or JSONL records.")] = None,
+    image_folder: Annotated[Optional[str], Opt("--image-folder", help="Image paths in the data are relative to this.")] = None,
+    output: Annotated[Optional[str], Opt("--output", "-o", help="Output folder.")] = None,
+    model: Annotated[Optional[str], Opt("--model", help="An existing LLaVA model directory to train.")] = None,
+    language_model: Annotated[Optional[str], Opt("--language-model", help="mlx-lm language model directory (new LLaVA from parts).")] = None,
+    vision_tower: Annotated[Optional[str], Opt("--vision-tower", help="CLIP directory (new LLaVA from parts).")] = None,
+    projector_type: Annotated[Optional[str], Opt("--projector-type", help="linear or mlp2x_gelu (new LLaVA).")] = None,
+    conv_mode: Annotated[Optional[str], Opt("--conv-mode", help="Stage-2 template (default: the model's).")] = None,
+    lora: Annotated[bool, Opt("--lora", help="Stage 2: LoRA adapters (default).")] = False,
+    qlora: Annotated[bool, Opt("--qlora", help="Stage 2: LoRA on a 4-bit base.")] = False,
+    full: Annotated[bool, Opt("--full", help="Stage 2: the whole language model learns.")] = False,
+    lora_rank: Annotated[Optional[int], Opt("--lora-rank")] = None,
+    lora_alpha: Annotated[Optional[float], Opt("--lora-alpha")] = None,
+    lora_dropout: Annotated[Optional[float], Opt("--lora-dropout")] = None,
+    lora_layers: Annotated[Optional[int], Opt("--lora-layers", help="The last N blocks get adapters (-1: all).")] = None,
+    learning_rate: Annotated[Optional[float], Opt("--learning-rate", "--lr")] = None,
+    projector_lr: Annotated[Optional[float], Opt("--projector-lr")] = None,
+    batch_size: Annotated[Optional[int], Opt("--batch-size", help="Global batch: samples per step, over all processes.")] = None,
+    grad_accum: Annotated[Optional[int], Opt("--grad-accum", help="Micro-batches per step on each process.")] = None,
+    epochs: Annotated[Optional[float], Opt("--epochs")] = None,
+    iters: Annotated[Optional[int], Opt("--iters", help="Optimizer steps (overrides --epochs).")] = None,
+    warmup_ratio: Annotated[Optional[float], Opt("--warmup-ratio")] = None,
+    max_length: Annotated[Optional[int], Opt("--max-length")] = None,
+    grad_checkpoint: Annotated[Optional[bool], Opt("--grad-checkpoint/--no-grad-checkpoint")] = None,
+    cache_features: Annotated[Optional[str], Opt("--cache-features", help="Folder for cached vision features.")] = None,
+    save_every: Annotated[Optional[int], Opt("--save-every")] = None,
+    keep: Annotated[Optional[int], Opt("--keep", help="Checkpoints to keep.")] = None,
+    eval_every: Annotated[Optional[int], Opt("--eval-every")] = None,
+    val_data: Annotated[Optional[str], Opt("--val-data")] = None,
+    resume: Annotated[Optional[bool], Opt("--resume/--no-resume", help="Continue from the newest checkpoint.")] = None,
+    seed: Annotated[Optional[int], Opt("--seed")] = None,
+    config: Annotated[Optional[str], Opt("--config", help="YAML file with the same keys as these flags.")] = None,
+):
+    """Train LLaVA: stage 1 (projector) or stage 2 (LoRA, QLoRA or full)."""
+    flags = {k: v for k, v in locals().items() if v is not None and k not in ("config", "lora", "qlora", "full")}
+    from mlx_llava.errors import LlavaError
+    from mlx_llava.train import TrainConfig
+    from mlx_llava.train import train as run
+    from mlx_llava.train.config import read_file
+
+    if lora + qlora + full > 1:
+        raise LlavaError("choose one of --lora, --qlora, --full")
+    method = "lora" if lora else "qlora" if qlora else "full" if full else None
+    if method:
+        flags["method"] = method
+    values = {**(read_file(config) if config else {}), **flags}
+    missing = [f"--{k}" for k in ("stage", "data", "output") if k not in values]
+    if missing:
+        raise LlavaError(f"missing {', '.join(missing)} (or give them in --config)")
+    run(TrainConfig(**values))
+
+
+@app.command()
+def fuse(
+    model: Annotated[str, Opt("--model", help="The base LLaVA model directory.")],
+    adapters: Annotated[str, Opt("--adapters", help="A stage-2 LoRA output folder.")],
+    output: Annotated[str, Opt("--output", "-o", help="Where to write the fused model.")],
+    quantize: Annotated[bool, Opt("-q", "--quantize", help="Quantize the fused model.")] = False,
+    q_bits: Annotated[int, Opt("--q-bits")] = 4,
+    q_group_size: Annotated[int, Opt("--q-group-size")] = 64,
+):
+    """Merge LoRA adapters (and the trained projector) into a model directory."""
+    from mlx_llava.adapters import fuse as run
+
+    path = run(model, adapters, output, bits=q_bits if quantize else None, group_size=q_group_size)
+    print(f"wrote {path}")

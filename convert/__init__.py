@@ -1,0 +1,1 @@
+"""PyTorch LLaVA checkpoints -> MLX model directories."""

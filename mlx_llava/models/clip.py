@@ -1,0 +1,151 @@
+"""CLIP ViT vision tower (the encoder LLaVA keeps frozen).
+
+Weight names follow transformers' CLIPVisionModel (`vision_model.*`), so
+llava-hf, mlx-vlm and original checkpoints load with light renaming. Images
+are channels-last (N, H, W, 3), as MLX convolutions want.
+"""
+
+from dataclasses import dataclass
+from typing import List
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_lm.models.base import BaseModelArgs
+
+
+@dataclass
+class VisionConfig(BaseModelArgs):
+    # Defaults are transformers' CLIPVisionConfig's, so a sparse config reads
+    # the same here as there.
+    model_type: str = "clip_vision_model"
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    image_size: int = 224
+    patch_size: int = 32
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+# CLIP's quick_gelu, x * sigmoid(1.702 x), is exactly mlx's gelu_fast_approx.
+ACTIVATIONS = {"quick_gelu": nn.gelu_fast_approx, "gelu": nn.gelu}
+
+
+class Attention(nn.Module):
+    def __init__(self, dims: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dims // num_heads) ** -0.5
+        self.q_proj = nn.Linear(dims, dims)
+        self.k_proj = nn.Linear(dims, dims)
+        self.v_proj = nn.Linear(dims, dims)
+        self.out_proj = nn.Linear(dims, dims)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        B, L, _ = x.shape
+        q, k, v = (
+            p(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        if config.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"unsupported CLIP activation {config.hidden_act!r}")
+        self.act = ACTIVATIONS[config.hidden_act]
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        eps = config.layer_norm_eps
+        self.self_attn = Attention(config.hidden_size, config.num_attention_heads)
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.mlp = MLP(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=eps)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.layers = [EncoderLayer(config) for _ in range(config.num_hidden_layers)]
+
+
+class Embeddings(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.class_embedding = mx.zeros((d,))
+        self.patch_embedding = nn.Conv2d(
+            config.num_channels, d, config.patch_size, stride=config.patch_size, bias=False
+        )
+        self.position_embedding = nn.Embedding(config.num_patches + 1, d)
+
+    def __call__(self, pixels: mx.array) -> mx.array:
+        patches = self.patch_embedding(pixels)  # (N, h, w, D)
+        N, _, _, D = patches.shape
+        patches = patches.reshape(N, -1, D)
+        cls = mx.broadcast_to(self.class_embedding.astype(patches.dtype), (N, 1, D))
+        return mx.concatenate([cls, patches], axis=1) + self.position_embedding.weight
+
+
+class ClipVisionTransformer(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.embeddings = Embeddings(config)
+        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.encoder = Encoder(config)
+        # Kept so checkpoints round-trip; LLaVA's features never pass through it.
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+class VisionTower(nn.Module):
+    def __init__(self, config: VisionConfig):
+        super().__init__()
+        self.config = config
+        self.vision_model = ClipVisionTransformer(config)
+
+    def __call__(self, pixels: mx.array, layers: List[int]) -> List[mx.array]:
+        """Hidden states at `layers`, indexed as transformers' `hidden_states`
+        (0 is the pre-layernormed embeddings, -1 the last layer's output).
+        Layers past the deepest one asked for are not run."""
+        n = len(self.vision_model.encoder.layers)
+        wanted = [l % (n + 1) for l in layers]
+        x = self.vision_model.pre_layrnorm(self.vision_model.embeddings(pixels))
+        states = [x]
+        for layer in self.vision_model.encoder.layers[: max(wanted)]:
+            x = layer(x)
+            states.append(x)
+        return [states[i] for i in wanted]
+
+    @staticmethod
+    def sanitize(weights: dict, num_channels: int = 3) -> dict:
+        """Drop buffers and turn PyTorch's OIHW patch kernel into MLX's OHWI."""
+        out = {}
+        for k, v in weights.items():
+            if k.endswith("position_ids"):
+                continue
+            if k.endswith("patch_embedding.weight") and v.ndim == 4 and v.shape[-1] != num_channels:
+                v = v.transpose(0, 2, 3, 1)
+            out[k] = v
+        return out

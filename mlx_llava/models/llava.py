@@ -1,0 +1,209 @@
+"""LLaVA: vision tower -> projector -> visual tokens spliced into the language model.
+
+The language model is mlx-lm's, chosen by `text_config.model_type` through
+mlx-lm's own registry. Parameter names follow llava-hf / mlx-vlm:
+`vision_tower.vision_model.*`, `multi_modal_projector.*`,
+`language_model.model.*`, `language_model.lm_head.*`.
+"""
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import BaseModelArgs
+from mlx_lm.utils import _get_classes
+
+from ..errors import LlavaError
+from .clip import VisionConfig, VisionTower
+from .projector import Projector
+
+# transformers' defaults for the fields a sparse llava-hf `text_config` leaves
+# out; transformers fills these in silently, so must we.
+TEXT_DEFAULTS = {
+    "llama": dict(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, rms_norm_eps=1e-6, vocab_size=32000,
+        max_position_embeddings=2048, rope_theta=10000.0, tie_word_embeddings=False,
+    ),
+    "mistral": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-6,
+        vocab_size=32000, max_position_embeddings=4096 * 32, rope_theta=10000.0,
+        sliding_window=4096, tie_word_embeddings=False,
+    ),
+    "qwen2": dict(
+        hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-6,
+        vocab_size=151936, max_position_embeddings=32768, rope_theta=10000.0,
+        tie_word_embeddings=False,
+    ),
+}
+
+# LlavaConfig's vision tower when a config names none: CLIP ViT-L/14-336.
+LLAVA_VISION = dict(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+    num_attention_heads=16, image_size=336, patch_size=14,
+)
+
+
+def text_config_with_defaults(text_config: dict) -> dict:
+    """A complete text config for mlx-lm from a possibly sparse llava-hf one."""
+    config = dict(text_config)
+    model_type = config.setdefault("model_type", "llama")
+    config = {**TEXT_DEFAULTS.get(model_type, {}), **config}
+    # transformers 5 writes rope_theta (and any scaling) inside rope_parameters.
+    rope = config.pop("rope_parameters", None)
+    if rope:
+        config.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
+        if rope.get("rope_type", "default") != "default":
+            config.setdefault("rope_scaling", rope)
+    return config
+
+
+@dataclass
+class ModelArgs(BaseModelArgs):
+    text_config: dict = field(default_factory=dict)
+    vision_config: Optional[dict] = None
+    model_type: str = "llava"
+    image_token_index: int = 32000
+    vision_feature_layer: Union[int, List[int]] = -2
+    vision_feature_select_strategy: str = "default"
+    projector_type: str = "mlp2x_gelu"
+    projector_hidden_act: str = "gelu"
+    multimodal_projector_bias: bool = True
+
+    def __post_init__(self):
+        self.text_config = text_config_with_defaults(self.text_config)
+        if self.vision_config is None:
+            self.vision_config = {"model_type": "clip_vision_model", **LLAVA_VISION}
+
+    @classmethod
+    def from_dict(cls, params):
+        params = dict(params)
+        if "image_token_id" in params and "image_token_index" not in params:
+            params["image_token_index"] = params["image_token_id"]
+        return super().from_dict(params)
+
+    @property
+    def feature_layers(self) -> List[int]:
+        layer = self.vision_feature_layer
+        return [layer] if isinstance(layer, int) else list(layer)
+
+
+def language_model_classes(text_config: dict):
+    try:
+        return _get_classes(text_config)
+    except ValueError:
+        raise LlavaError(
+            f"unknown language model architecture {text_config.get('model_type')!r} "
+            "(mlx-lm has no model of that type)"
+        ) from None
+
+
+def merge_visual_tokens(embeds, input_ids, features, image_token_index):
+    """Put visual tokens where the image token stands, in reading order over
+    the batch: image k fills the k-th run of image tokens."""
+    is_image = input_ids == image_token_index
+    n_tokens = is_image.sum().item()
+    n_images, per_image, dims = features.shape if features is not None else (0, 0, 0)
+    if n_tokens != n_images * per_image:
+        raise LlavaError(
+            f"the prompt has {n_tokens} image tokens but {n_images} image(s) give "
+            f"{n_images * per_image} visual tokens ({per_image} per image)"
+        )
+    if n_tokens == 0:
+        return embeds
+    flat = features.reshape(-1, dims).astype(embeds.dtype)
+    index = mx.maximum(mx.cumsum(is_image.reshape(-1).astype(mx.int32)) - 1, 0)
+    placed = flat[index].reshape(embeds.shape)
+    return mx.where(is_image[..., None], placed, embeds)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        vision = VisionConfig.from_dict(args.vision_config)
+        if vision.model_type not in ("clip_vision_model", "clip"):
+            raise LlavaError(f"unsupported vision tower {vision.model_type!r} (CLIP only)")
+        model_class, args_class = language_model_classes(args.text_config)
+        text = args_class.from_dict(args.text_config)
+        self.vision_tower = VisionTower(vision)
+        self.language_model = model_class(text)
+        self.multi_modal_projector = Projector(
+            args.projector_type,
+            vision.hidden_size * len(args.feature_layers),
+            args.text_config["hidden_size"],
+            bias=args.multimodal_projector_bias,
+            hidden_act=args.projector_hidden_act,
+        )
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """Visual tokens one image becomes (576 for CLIP ViT-L/14 at 336 px)."""
+        n = self.vision_tower.config.num_patches
+        return n if self.args.vision_feature_select_strategy == "default" else n + 1
+
+    def vision_features(self, pixel_values: mx.array) -> mx.array:
+        """(N, H, W, 3) pixels -> (N, T, C) the vision tower's selected features,
+        before the projector (what stage-1 training can cache)."""
+        dtype = self.vision_tower.vision_model.embeddings.patch_embedding.weight.dtype
+        states = self.vision_tower(pixel_values.astype(dtype), self.args.feature_layers)
+        if self.args.vision_feature_select_strategy == "default":
+            states = [s[:, 1:] for s in states]
+        elif self.args.vision_feature_select_strategy != "full":
+            raise LlavaError(
+                f"unknown vision_feature_select_strategy {self.args.vision_feature_select_strategy!r}"
+            )
+        return mx.concatenate(states, axis=-1)
+
+    def encode_images(self, pixel_values: mx.array) -> mx.array:
+        """(N, H, W, 3) pixels -> (N, T, D) visual tokens in the language model's space."""
+        return self.multi_modal_projector(self.vision_features(pixel_values))
+
+    def embed(self, input_ids, pixel_values=None, image_features=None) -> mx.array:
+        """Word embeddings with each image's visual tokens spliced in."""
+        is_image = input_ids == self.args.image_token_index
+        # The image token may lie outside the vocabulary (original checkpoints).
+        embeds = self.language_model.model.embed_tokens(mx.where(is_image, 0, input_ids))
+        if image_features is None and pixel_values is not None:
+            image_features = self.encode_images(pixel_values)
+        return merge_visual_tokens(embeds, input_ids, image_features, self.args.image_token_index)
+
+    def __call__(self, input_ids: mx.array, pixel_values: Optional[mx.array] = None, cache=None):
+        embeds = self.embed(input_ids, pixel_values)
+        return self.language_model(input_ids, cache=cache, input_embeddings=embeds)
+
+    def sanitize(self, weights: dict) -> dict:
+        """Every published spelling of LLaVA's weight names -> ours."""
+        renamed = {}
+        for k, v in weights.items():
+            renamed[rename(k)] = v
+        vision = {k: v for k, v in renamed.items() if k.startswith("vision_tower.")}
+        lm = {
+            k[len("language_model."):]: v
+            for k, v in renamed.items()
+            if k.startswith("language_model.")
+        }
+        rest = {k: v for k, v in renamed.items() if not k.startswith(("vision_tower.", "language_model."))}
+        vision = self.vision_tower.sanitize(vision, self.vision_tower.config.num_channels)
+        lm = self.language_model.sanitize(lm)
+        return {**vision, **rest, **{f"language_model.{k}": v for k, v in lm.items()}}
+
+    @property
+    def layers(self):
+        return self.language_model.layers
+
+
+def rename(key: str) -> str:
+    """One weight name, as llava-hf (transformers 4 or 5) or mlx-vlm wrote it, in our layout."""
+    if key.startswith("model.language_model."):
+        return "language_model.model." + key[len("model.language_model."):]
+    if key.startswith("lm_head."):
+        return "language_model." + key
+    if key.startswith(("model.vision_tower.", "model.multi_modal_projector.")):
+        key = key[len("model."):]
+    if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+        key = "vision_tower.vision_model." + key[len("vision_tower."):]
+    return key

@@ -1,0 +1,108 @@
+"""Training knobs, with the LLaVA-1.5 recipes as defaults.
+
+Stage 1 (alignment): only the projector learns, lr 1e-3, global batch 256.
+Stage 2 (instruction tuning): projector + language model, full (lr 2e-5,
+batch 128) or LoRA (rank 128, alpha 256, dropout 0.05, lr 2e-4, the
+projector at its own 2e-5). Both: 1 epoch, cosine with warmup ratio 0.03,
+max length 2048, AdamW without weight decay, gradients clipped at 1.0.
+"""
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+from ..errors import LlavaError
+
+METHODS = ("lora", "qlora", "full")
+
+
+@dataclass
+class TrainConfig:
+    stage: int
+    data: str
+    output: str
+    image_folder: Optional[str] = None
+    # the model: an existing LLaVA directory, or one assembled from parts
+    model: Optional[str] = None
+    language_model: Optional[str] = None
+    vision_tower: Optional[str] = None
+    projector_type: str = "mlp2x_gelu"
+    conv_mode: Optional[str] = None  # stage 2: the model's template; stage 1 always "plain"
+    # what learns (stage 2)
+    method: Optional[str] = None  # lora | qlora | full; stage 2 default: lora
+    lora_rank: int = 128
+    lora_alpha: float = 256.0
+    lora_dropout: float = 0.05
+    lora_layers: int = -1  # the last N blocks of the language model; -1: all
+    qlora_bits: int = 4
+    # optimisation
+    learning_rate: Optional[float] = None
+    projector_lr: Optional[float] = None
+    batch_size: Optional[int] = None  # the global batch: samples per optimizer step, over all processes
+    grad_accum: Optional[int] = None  # micro-batches per step on each process (default: micro-batches of <= 8)
+    epochs: float = 1.0
+    iters: Optional[int] = None  # overrides epochs
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 2048
+    grad_checkpoint: bool = False
+    cache_features: Optional[str] = None
+    # bookkeeping
+    save_every: int = 500
+    keep: int = 2
+    eval_every: Optional[int] = None
+    val_data: Optional[str] = None
+    resume: bool = False
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.stage not in (1, 2):
+            raise LlavaError(f"--stage must be 1 or 2, not {self.stage}")
+        if (self.model is None) == (self.language_model is None):
+            raise LlavaError("give either --model, or --language-model with --vision-tower")
+        if self.language_model is not None and self.vision_tower is None:
+            raise LlavaError("--language-model needs --vision-tower (a CLIP directory)")
+        if self.stage == 1:
+            self.method = "projector"
+        else:
+            self.method = self.method or "lora"
+            if self.method not in METHODS:
+                raise LlavaError(f"unknown training method {self.method!r}; expected one of {METHODS}")
+        lora = self.method in ("lora", "qlora")
+        if self.learning_rate is None:
+            self.learning_rate = {1: 1e-3}.get(self.stage, 2e-4 if lora else 2e-5)
+        if self.projector_lr is None:
+            self.projector_lr = 2e-5 if lora else self.learning_rate
+        if self.batch_size is None:
+            self.batch_size = 256 if self.stage == 1 else 128
+        if self.eval_every and not self.val_data:
+            raise LlavaError("--eval-every needs --val-data")
+
+    @classmethod
+    def from_file(cls, path, **overrides) -> "TrainConfig":
+        """A YAML (or JSON) file with the same keys as the flags; `overrides` win."""
+        return cls(**{**read_file(path), **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_file(path) -> dict:
+    """A YAML (or JSON) file of training options, checked against the known keys."""
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise LlavaError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise LlavaError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise LlavaError(f"{path}: expected a mapping of option: value")
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise LlavaError(f"{path}: unknown training option(s): {', '.join(unknown)}")
+    return values

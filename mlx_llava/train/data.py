@@ -1,0 +1,145 @@
+"""Training data: LLaVA JSON/JSONL records -> tokenized examples -> length-grouped batches.
+
+Records are `{"id", "image", "conversations": [{"from": "human"|"gpt", "value"}]}`.
+Targets come from `conversation.build_targets`, the same module as the chat
+templates, so training and inference agree token for token. Bad records are
+skipped and counted, never fatal.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+
+from ..conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, build_targets
+from ..errors import LlavaError
+
+
+@dataclass
+class Example:
+    id: str
+    input_ids: List[int]
+    labels: List[int]
+    image: Optional[Path]
+
+
+@dataclass
+class Dataset:
+    examples: List[Example]
+    skipped: List[tuple] = field(default_factory=list)  # (id, reason)
+    truncated: int = 0
+
+
+def read_records(path) -> tuple:
+    """-> (records, skipped). A JSON list, or JSONL with one record per line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise LlavaError(f"training data not found: {path}") from None
+    try:
+        data = json.loads(text)
+        if not isinstance(data, list):
+            raise LlavaError(f"{path}: expected a JSON list of records (or JSONL)")
+        return data, []
+    except json.JSONDecodeError:
+        pass
+    records, skipped = [], []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                skipped.append((f"line {n}", "not valid JSON"))
+    if not records and skipped:
+        raise LlavaError(f"{path} is neither a JSON list nor JSONL")
+    return records, skipped
+
+
+def check_record(record) -> Optional[str]:
+    """Why a record cannot be used, or None."""
+    if not isinstance(record, dict):
+        return "not an object"
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        return "no conversations"
+    for t in turns:
+        if not isinstance(t, dict) or not isinstance(t.get("value"), str) or "from" not in t:
+            return "malformed turn"
+    if not any(t["from"] in ("gpt", "assistant") for t in turns):
+        return "no answer to learn"
+    if "image" in record and not isinstance(record["image"], str):
+        return "image is not a path"
+    return None
+
+
+def prepare(path, tokenizer, conv_mode: str, image_token_index: int, num_visual_tokens: int,
+            image_folder=None, max_length: int = 2048) -> Dataset:
+    """Tokenize every usable record; skip (and count) the rest."""
+    records, skipped = read_records(path)
+    folder = Path(image_folder) if image_folder else Path(path).parent
+    out = Dataset([], skipped)
+    for n, record in enumerate(records):
+        rid = str(record.get("id", f"#{n}")) if isinstance(record, dict) else f"#{n}"
+        reason = check_record(record)
+        image = None
+        if reason is None and record.get("image"):
+            image = folder / record["image"]
+            if not image.is_file():
+                reason = f"image not found: {image}"
+        if reason is not None:
+            out.skipped.append((rid, reason))
+            continue
+        turns = [dict(t) for t in record["conversations"]]
+        first = next(t for t in turns if t["from"] in ("human", "user"))
+        if image is None:
+            first["value"] = first["value"].replace(IMAGE_PLACEHOLDER, "").strip()
+        elif IMAGE_PLACEHOLDER not in first["value"]:
+            first["value"] = f"{IMAGE_PLACEHOLDER}\n{first['value']}"
+        try:
+            ids, labels = build_targets(tokenizer, turns, conv_mode, image_token_index,
+                                        num_visual_tokens if image else 1)
+        except LlavaError as e:
+            out.skipped.append((rid, str(e)))
+            continue
+        if len(ids) > max_length:
+            image_end = max((i for i, t in enumerate(ids) if t == image_token_index), default=-1)
+            if image_end >= max_length:
+                out.skipped.append((rid, f"longer than --max-length {max_length} before its image ends"))
+                continue
+            ids, labels = ids[:max_length], labels[:max_length]
+            out.truncated += 1
+        if all(l == IGNORE_INDEX for l in labels[1:]):
+            out.skipped.append((rid, "no answer tokens left to learn"))
+            continue
+        out.examples.append(Example(rid, ids, labels, image))
+    return out
+
+
+def epoch_batches(lengths, batch_size: int, micro_batches: int, seed: int, epoch: int) -> list:
+    """One epoch as global batches, each a list of `micro_batches` index lists.
+
+    Like LLaVA's length grouping: a random order, then inside each global
+    batch the samples sorted by length, so each micro-batch pads little while
+    every global batch stays a random draw. A short last batch is dropped.
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(len(lengths))
+    micro = batch_size // micro_batches
+    out = []
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+        chunk = sorted(order[start:start + batch_size], key=lambda i: -lengths[i])
+        out.append([list(map(int, chunk[m * micro:(m + 1) * micro])) for m in range(micro_batches)])
+    return out
+
+
+def pad(examples: List[Example], pad_id: int = 0):
+    """Right-padded (input_ids, labels) int32 arrays; padding is never trained."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = np.full((len(examples), width), pad_id, np.int32)
+    labels = np.full((len(examples), width), IGNORE_INDEX, np.int32)
+    for row, e in enumerate(examples):
+        ids[row, : len(e.input_ids)] = e.input_ids
+        labels[row, : len(e.labels)] = e.labels
+    return ids, labels

@@ -1,0 +1,54 @@
+"""Vision features, computed once per image and cached on disk.
+
+The vision tower is frozen in both stages, so its output for an image never
+changes during training: stage 1 in particular then costs only the projector
+and the language model. Entries are keyed by the image file (path, size,
+mtime), the preprocessing and a fingerprint of the vision tower's weights, so
+a cache shared between runs never serves stale features.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+
+def fingerprint(model, image_config) -> str:
+    """Identifies the vision tower's weights, its feature selection and the preprocessing."""
+    h = hashlib.sha1()
+    for name, w in tree_flatten(model.vision_tower.parameters()):
+        h.update(name.encode())
+        h.update(np.asarray(w.astype(mx.float32).reshape(-1)[:64]).tobytes())
+        h.update(np.float64(w.astype(mx.float32).sum().item()).tobytes())
+    args = model.args
+    h.update(json.dumps([args.vision_feature_layer, args.vision_feature_select_strategy,
+                         repr(image_config)], default=str).encode())
+    return h.hexdigest()[:16]
+
+
+class FeatureCache:
+    def __init__(self, folder, model, image_config):
+        self.folder = Path(folder)
+        self.tag = fingerprint(model, image_config)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, image: Path) -> Path:
+        stat = os.stat(image)
+        key = f"{Path(image).resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{self.tag}"
+        digest = hashlib.sha1(key.encode()).hexdigest()
+        return self.folder / digest[:2] / f"{digest}.safetensors"
+
+    def get(self, image: Path):
+        p = self.path(image)
+        return mx.load(str(p))["features"] if p.exists() else None
+
+    def put(self, image: Path, features: mx.array):
+        p = self.path(image)
+        p.parent.mkdir(exist_ok=True)
+        tmp = p.with_name(f".{p.stem}.{os.getpid()}.tmp.safetensors")
+        mx.save_safetensors(str(tmp), {"features": features})
+        os.replace(tmp, p)  # atomic: a killed run never leaves half an entry

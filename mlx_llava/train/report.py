@@ -1,0 +1,35 @@
+"""The loss curve as a PNG, drawn with Pillow (no plotting dependency)."""
+
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+WIDTH, HEIGHT, MARGIN = 640, 400, 50
+
+
+def plot_loss(points, path, title: str = "training loss"):
+    """`points`: (step, loss) pairs; later entries for a step win (resumed runs)."""
+    points = sorted(dict(points).items())
+    image = Image.new("RGB", (WIDTH, HEIGHT), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((MARGIN, 15), title, fill="black")
+    left, top, right, bottom = MARGIN, MARGIN, WIDTH - 20, HEIGHT - MARGIN
+    draw.rectangle((left, top, right, bottom), outline="black")
+    if points:
+        steps, losses = zip(*points)
+        lo, hi = min(losses), max(losses)
+        hi = hi if hi > lo else lo + 1.0
+        span = max(steps[-1] - steps[0], 1)
+        xy = [(left + (s - steps[0]) / span * (right - left),
+               bottom - (l - lo) / (hi - lo) * (bottom - top)) for s, l in points]
+        if len(xy) > 1:
+            draw.line(xy, fill=(31, 119, 180), width=2)
+        else:
+            draw.ellipse((xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2), fill=(31, 119, 180))
+        draw.text((5, top - 5), f"{hi:.3g}", fill="black")
+        draw.text((5, bottom - 10), f"{lo:.3g}", fill="black")
+        draw.text((left, bottom + 8), f"step {steps[0]}", fill="black")
+        draw.text((right - 70, bottom + 8), f"step {steps[-1]}", fill="black")
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    image.save(tmp)
+    tmp.replace(path)

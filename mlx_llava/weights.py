@@ -1,0 +1,265 @@
+"""Model directories: find, read, quantize, write.
+
+A model directory is llava-hf's layout, as mlx-vlm also writes it for llava:
+config.json (`text_config`, `vision_config`, `image_token_index`, ...,
+`quantization` when quantized), safetensors shards (with an index when more
+than one), tokenizer files and preprocessor_config.json. Our own keys
+(`projector_type`, `image_aspect_ratio`, `conv_mode`) ride along in config.json.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.utils import make_shards, quantize_model
+
+from .errors import LlavaError
+from .models.llava import Model, ModelArgs
+
+# What `load` fetches of a hub repository already in MLX format.
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+MAX_SHARD_GB = 5
+IMAGE_TOKEN = "<image>"
+
+
+def resolve(path_or_repo) -> Path:
+    """A local folder, or a hub repo id fetched with huggingface-hub (which
+    honours HF_HUB_OFFLINE and its local cache)."""
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise LlavaError(f"{path} is not a model directory (no config.json)")
+        return path
+    repo = str(path_or_repo)
+    if repo.count("/") != 1 or repo.startswith((".", "/", "~")):
+        raise LlavaError(f"model not found: {repo} (no such folder, and not a hub repo id)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=ALLOW_PATTERNS))
+    except LocalEntryNotFoundError:
+        raise LlavaError(
+            f"model not found: {repo} is not a local folder and is not in the Hugging Face cache"
+            " (offline, or the hub cannot be reached)"
+        ) from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise LlavaError(f"model not found: {repo} ({type(e).__name__})") from None
+
+
+def default_model() -> Path:
+    """The small demo LLaVA shipped inside the package."""
+    path = Path(__file__).parent / "demo" / "model"
+    if not (path / "config.json").is_file():
+        raise LlavaError("no --model given, and this installation has no demo model")
+    return path
+
+
+def load_config(path: Path) -> dict:
+    try:
+        return json.loads((Path(path) / "config.json").read_text())
+    except FileNotFoundError:
+        raise LlavaError(f"{path} has no config.json") from None
+    except json.JSONDecodeError as e:
+        raise LlavaError(f"{path}/config.json is not valid JSON ({e})") from None
+
+
+def weight_files(path: Path) -> list:
+    """The safetensors files of a directory; the index, when present, must name only files that exist."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (path / n).exists()]
+        if missing:
+            raise LlavaError(f"{path} is missing weight shard {missing[0]} named in its index")
+        return [path / n for n in names]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise LlavaError(f"{path} has no .safetensors weights")
+    return files
+
+
+def load_weights(path: Path) -> dict:
+    weights = {}
+    for f in weight_files(path):
+        try:
+            weights.update(mx.load(str(f)))
+        except Exception as e:  # mlx raises plain RuntimeError/ValueError on bad files
+            raise LlavaError(f"cannot read {f}: truncated or not a safetensors file ({e})") from None
+    return weights
+
+
+def build_model(config: dict) -> Model:
+    if config.get("model_type", "llava") not in ("llava", "llava_llama", "llava_mistral"):
+        raise LlavaError(f"unknown architecture {config.get('model_type')!r}: not a LLaVA model")
+    if "text_config" not in config:
+        raise LlavaError("config.json has no text_config: not a llava-hf style LLaVA directory")
+    return Model(ModelArgs.from_dict(config))
+
+
+def apply_quantization(model: nn.Module, config: dict, weights: dict):
+    """Swap in quantized layers where the checkpoint has scales, before loading."""
+    q = config.get("quantization") or config.get("quantization_config")
+    if not q:
+        return
+
+    def predicate(path, module):
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        return q.get(path, True)
+
+    nn.quantize(model, group_size=q["group_size"], bits=q["bits"],
+                mode=q.get("mode", "affine"), class_predicate=predicate)
+
+
+def load_model(path, lazy: bool = False):
+    """-> (Model, config) from a model directory."""
+    path = Path(path)
+    config = load_config(path)
+    weights = load_weights(path)
+    # mlx-lm would tie the output layer to the embeddings unless told, silently
+    # dropping Vicuna's own lm_head: decide from the checkpoint itself.
+    config.setdefault("text_config", {})["tie_word_embeddings"] = not any(
+        k.endswith("lm_head.weight") for k in weights
+    )
+    model = build_model(config)
+    weights = model.sanitize(weights)
+    apply_quantization(model, config, weights)
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise LlavaError(f"{path}: weights do not match config.json ({e})") from None
+    if not lazy:
+        mx.eval(model.parameters())
+    model.eval()
+    return model, config
+
+
+def read_clip(path) -> tuple:
+    """A CLIP directory (CLIPModel or CLIPVisionModel, transformers layout)
+    -> (vision_config, vision tower weights under our names, preprocessor dict)."""
+    path = Path(path)
+    config = load_config(path)
+    vision = config.get("vision_config") if config.get("model_type") == "clip" else config
+    if not vision or vision.get("model_type", "clip_vision_model") != "clip_vision_model":
+        raise LlavaError(f"{path} is not a CLIP vision tower (model_type {config.get('model_type')!r})")
+    weights = {
+        "vision_tower." + k: v for k, v in load_weights(path).items() if k.startswith("vision_model.")
+    }
+    if not weights:
+        raise LlavaError(f"{path} has no vision_model.* weights")
+    pre = path / "preprocessor_config.json"
+    return dict(vision), weights, json.loads(pre.read_text()) if pre.exists() else None
+
+
+def assemble(language_model, vision_tower, projector_type: str = "mlp2x_gelu", conv_mode=None):
+    """A new LLaVA from an mlx-lm language model directory and a CLIP
+    directory, with a freshly initialised projector: what stage 1 starts
+    from. -> (model, config, processor)."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    from .image import ImageConfig
+    from .processor import Processor
+
+    lm_path = resolve(language_model)
+    lm_config = load_config(lm_path)
+    vision_config, vision_weights, preprocessor = read_clip(resolve(vision_tower))
+    weights = {"language_model." + k: v for k, v in load_weights(lm_path).items()}
+    text_config = {k: v for k, v in lm_config.items() if k not in ("quantization", "quantization_config")}
+    text_config["tie_word_embeddings"] = "language_model.lm_head.weight" not in weights
+    tokenizer = load_tokenizer(lm_path, eos_token_ids=lm_config.get("eos_token_id"))
+    # The original leaves <image> out of the vocabulary; use it where a tokenizer has it.
+    image_token = tokenizer.get_vocab().get(IMAGE_TOKEN, text_config["vocab_size"])
+    config = {
+        "model_type": "llava",
+        "architectures": ["LlavaForConditionalGeneration"],
+        "text_config": text_config,
+        "vision_config": vision_config,
+        "projector_type": projector_type,
+        "projector_hidden_act": "gelu",
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "image_token_index": image_token,
+        "image_aspect_ratio": "pad",
+        "conv_mode": conv_mode or ("chat_template" if tokenizer.chat_template else "vicuna_v1"),
+    }
+    if lm_config.get("quantization"):
+        config["quantization"] = lm_config["quantization"]
+    model = build_model(config)
+    projector = dict(tree_flatten(model.multi_modal_projector.parameters()))
+    weights.update({f"multi_modal_projector.{k}": v for k, v in projector.items()})
+    weights = model.sanitize({**weights, **vision_weights})
+    apply_quantization(model, config, weights)
+    model.load_weights(list(weights.items()), strict=True)
+    mx.eval(model.parameters())
+    size = vision_config.get("image_size", 224)
+    image_config = ImageConfig.from_preprocessor_config(
+        preprocessor or {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}},
+        "pad",
+    )
+    processor = Processor(tokenizer, image_config, image_token, model.num_visual_tokens,
+                          config["conv_mode"], text_config.get("max_position_embeddings") or 4096)
+    return model, config, processor
+
+
+def quantize(model: Model, config: dict, bits: int = 4, group_size: int = 64,
+             quantize_vision: bool = False):
+    """mlx-lm's quantization (embeddings and lm_head included); the vision
+    tower only when asked; layers the group size does not divide stay full."""
+
+    def predicate(path, module):
+        return quantize_vision or not path.startswith("vision_tower")
+
+    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    model, config = quantize_model(model, config, group_size, bits, quant_predicate=predicate)
+    config.pop("quantization_config", None)
+    return model, config
+
+
+def save_model(path, model: Model, config: dict, processor=None, overwrite: bool = False,
+               extra_files: Optional[dict] = None):
+    """Write a model directory atomically: everything goes to a temporary
+    folder beside `path`, renamed into place only when complete."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise LlavaError(f"{path} already exists")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        weights = dict(tree_flatten(model.parameters()))
+        shards = make_shards(weights, MAX_SHARD_GB)
+        names = (
+            ["model.safetensors"] if len(shards) == 1
+            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        )
+        weight_map = {}
+        for name, shard in zip(names, shards):
+            mx.save_safetensors(str(tmp / name), shard, metadata={"format": "mlx"})
+            weight_map.update({k: name for k in shard})
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())},
+                     "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (tmp / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2))
+        if processor is not None:
+            processor.save(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

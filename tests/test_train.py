@@ -1,0 +1,231 @@
+"""Training: what learns in each stage, resumability, data parallelism, fusing."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from PIL import Image
+
+import mlx_llava
+from mlx_llava.errors import LlavaError
+from mlx_llava.train import TrainConfig, train
+from mlx_llava.weights import load_model
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A few images of one coloured square each, with stage-1 and stage-2 records."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "images").mkdir()
+    stage1, stage2 = [], []
+    for i, (name, rgb) in enumerate(list(COLOURS.items()) * 2):
+        file = f"{name}{i}.png"
+        image = Image.new("RGB", (28 + 4 * i, 28), (255, 255, 255))
+        image.paste(rgb, (4, 4, 20, 20))
+        image.save(root / "images" / file)
+        stage1.append({"id": f"s1-{i}", "image": file, "conversations": [
+            {"from": "human", "value": "Describe the image briefly.\n<image>"},
+            {"from": "gpt", "value": f"A {name} square."}]})
+        stage2.append({"id": f"s2-{i}", "image": file, "conversations": [
+            {"from": "human", "value": "<image>\nWhat color is the square?"},
+            {"from": "gpt", "value": name},
+            {"from": "human", "value": "Is it a circle?"},
+            {"from": "gpt", "value": "No, it is a square."}]})
+    stage2.append({"id": "text-only", "conversations": [
+        {"from": "human", "value": "How many objects are there?"}, {"from": "gpt", "value": "three"}]})
+    (root / "stage1.json").write_text(json.dumps(stage1))
+    (root / "stage2.jsonl").write_text("\n".join(json.dumps(r) for r in stage2))
+    return root
+
+
+def params(model):
+    return {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+
+
+def run(model_dir, dataset, out, on_step=None, **kw):
+    options = dict(stage=2, model=str(model_dir), data=str(dataset / "stage2.jsonl"),
+                   image_folder=str(dataset / "images"), output=str(out), batch_size=4,
+                   iters=4, learning_rate=1e-2, projector_lr=1e-2, lora_rank=4, lora_alpha=8,
+                   warmup_ratio=0.0, save_every=100, seed=0, progress=False)
+    options.update(kw)
+    return train(TrainConfig(**options), on_step=on_step)
+
+
+def changed(before, after):
+    return {k for k in before if k in after and not np.array_equal(before[k], after[k])}
+
+
+def test_stage1_trains_only_the_projector(model_dir, dataset, tmp_path):
+    before = params(load_model(model_dir)[0])
+    summary = run(model_dir, dataset, tmp_path, stage=1, data=str(dataset / "stage1.json"),
+                  iters=30, learning_rate=2e-2, projector_lr=None)
+    assert summary["final_loss"] is not None
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert np.mean(losses[-5:]) < 0.85 * losses[0]  # the first loss is before any update
+    after = params(load_model(tmp_path / "model")[0])
+    moved = changed(before, after)
+    assert moved and all(k.startswith("multi_modal_projector.") for k in moved)
+    assert moved == {k for k in before if k.startswith("multi_modal_projector.")}
+    assert (tmp_path / "projector.safetensors").exists() and (tmp_path / "loss.png").exists()
+
+
+def test_stage2_lora_trains_adapters_and_projector(model_dir, dataset, tmp_path):
+    model, _ = load_model(model_dir)
+    before = params(model)
+    run(model_dir, dataset, tmp_path, method="lora", lora_dropout=0.0)
+    adapters = mx.load(str(tmp_path / "adapters.safetensors"))
+    assert adapters and all(k.rsplit(".", 1)[-1] in ("lora_a", "lora_b") for k in adapters)
+    assert all(float(mx.abs(v).sum()) > 0 for k, v in adapters.items() if k.endswith("lora_b"))
+    fused, _ = mlx_llava.load(model_dir, adapter_path=tmp_path)
+    after = {k.replace(".linear.", "."): v for k, v in params(fused).items()}
+    moved = changed(before, after)
+    assert moved == {k for k in before if k.startswith("multi_modal_projector.")}
+
+
+def test_stage2_full_never_touches_the_vision_tower(model_dir, dataset, tmp_path):
+    before = params(load_model(model_dir)[0])
+    run(model_dir, dataset, tmp_path, method="full", learning_rate=1e-3, projector_lr=1e-3)
+    after = params(load_model(tmp_path / "model")[0])
+    moved = changed(before, after)
+    assert not any(k.startswith("vision_tower.") for k in moved)
+    assert any(k.startswith("language_model.model.layers.") for k in moved)
+    assert any(k.startswith("multi_modal_projector.") for k in moved)
+
+
+def test_qlora_trains_on_a_quantized_base(model_dir, dataset, tmp_path):
+    run(model_dir, dataset, tmp_path, method="qlora", iters=6, lora_dropout=0.0)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["quantized_base"]["bits"] == 4
+    model, _ = mlx_llava.load(model_dir, adapter_path=tmp_path)
+    q_proj = model.language_model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj.linear, nn.QuantizedLinear)
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+class Stop(Exception):
+    pass
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(model_dir, dataset, tmp_path):
+    common = dict(method="lora", iters=6, save_every=2, lora_dropout=0.1)
+    run(model_dir, dataset, tmp_path / "straight", **common)
+
+    def crash(step, loss):
+        if step == 4:
+            raise Stop()
+
+    with pytest.raises(Stop):
+        run(model_dir, dataset, tmp_path / "resumed", on_step=crash, **common)
+    assert not (tmp_path / "resumed" / "adapters.safetensors").exists()
+    run(model_dir, dataset, tmp_path / "resumed", resume=True, **common)
+    a = mx.load(str(tmp_path / "straight" / "adapters.safetensors"))
+    b = mx.load(str(tmp_path / "resumed" / "adapters.safetensors"))
+    for k in a:
+        assert np.allclose(np.array(a[k]), np.array(b[k]), atol=1e-6), k
+    log = [json.loads(l)["step"] for l in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3, 4, 5, 6]
+    assert len(list((tmp_path / "resumed" / "checkpoints").iterdir())) <= 2
+
+
+def test_fused_model_answers_like_model_plus_adapters(model_dir, dataset, tmp_path):
+    run(model_dir, dataset, tmp_path / "lora", method="lora", lora_dropout=0.0)
+    from mlx_llava.adapters import fuse
+
+    fuse(model_dir, tmp_path / "lora", tmp_path / "fused")
+    with_adapters, processor = mlx_llava.load(model_dir, adapter_path=tmp_path / "lora")
+    fused, _ = mlx_llava.load(tmp_path / "fused")
+    inputs = processor("USER: <image>\nWhat color is the square? ASSISTANT:", [dataset / "images" / "red0.png"])
+    a = with_adapters(inputs["input_ids"], inputs["pixel_values"])
+    b = fused(inputs["input_ids"], inputs["pixel_values"])
+    assert np.abs(np.array(a) - np.array(b)).max() < 1e-4
+    question = "What color is the square?"
+    image = dataset / "images" / "red0.png"
+    assert (mlx_llava.generate(with_adapters, processor, question, image=image, max_tokens=8)
+            == mlx_llava.generate(fused, processor, question, image=image, max_tokens=8))
+
+
+def test_feature_cache_gives_the_same_run(model_dir, dataset, tmp_path):
+    kw = dict(stage=1, data=str(dataset / "stage1.json"), iters=3, projector_lr=None)
+    run(model_dir, dataset, tmp_path / "plain", **kw)
+    run(model_dir, dataset, tmp_path / "cached", cache_features=str(tmp_path / "cache"), **kw)
+    cached = list((tmp_path / "cache").rglob("*.safetensors"))
+    assert len(cached) == 8
+    stamps = {p: p.stat().st_mtime_ns for p in cached}
+    run(model_dir, dataset, tmp_path / "again", cache_features=str(tmp_path / "cache"), **kw)
+    assert {p: p.stat().st_mtime_ns for p in cached} == stamps  # reused, not recomputed
+    a = mx.load(str(tmp_path / "plain" / "projector.safetensors"))
+    for other in ("cached", "again"):
+        b = mx.load(str(tmp_path / other / "projector.safetensors"))
+        for k in a:
+            assert np.allclose(np.array(a[k]), np.array(b[k]), atol=1e-6)
+
+
+def test_bad_records_are_skipped_and_reported(model_dir, dataset, tmp_path):
+    records = [json.loads(l) for l in (dataset / "stage2.jsonl").read_text().splitlines()]
+    records += [
+        {"id": "no-image-file", "image": "missing.png", "conversations": records[0]["conversations"]},
+        {"id": "no-answer", "conversations": [{"from": "human", "value": "hi"}]},
+        {"id": "broken", "conversations": "nope"},
+    ]
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "truncated.png").write_bytes((dataset / "images" / "red0.png").read_bytes()[:60])
+    records.append({"id": "truncated-image", "image": "truncated.png", "conversations": records[0]["conversations"]})
+    lines = [json.dumps(r) for r in records] + ["{not json"]
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(lines))
+    for r in records[:8]:
+        (tmp_path / "images" / r["image"]).write_bytes((dataset / "images" / r["image"]).read_bytes())
+    summary = run(model_dir, dataset, tmp_path / "out", data=str(data), image_folder=str(tmp_path / "images"),
+                  method="lora", iters=3, max_length=120)
+    skipped = dict(summary["skipped"])
+    assert {"no-image-file", "no-answer", "broken", "line 14", "truncated-image"} <= set(skipped)
+    assert "image not found" in skipped["no-image-file"]
+    assert summary["truncated"] > 0
+
+
+def test_config_errors(model_dir, dataset, tmp_path):
+    with pytest.raises(LlavaError, match="fewer than one global batch"):
+        run(model_dir, dataset, tmp_path, batch_size=64)
+    with pytest.raises(LlavaError, match="--grad-accum 3"):
+        run(model_dir, dataset, tmp_path, grad_accum=3)
+    with pytest.raises(LlavaError, match="either --model"):
+        TrainConfig(stage=1, data="x", output="y")
+    (tmp_path / "bad.yaml").write_text("stage: 1\nlearning_rat: 3\n")
+    with pytest.raises(LlavaError, match="learning_rat"):
+        TrainConfig.from_file(tmp_path / "bad.yaml", data="x", output="y", model="m")
+
+
+DIST = """
+import sys
+from mlx_llava.train import TrainConfig, train
+model, data, images, out, accum = sys.argv[1:6]
+train(TrainConfig(stage=2, model=model, data=data, image_folder=images, output=out, batch_size=4,
+                  grad_accum=int(accum), iters=3, learning_rate=1e-2, projector_lr=1e-2, lora_rank=4,
+                  lora_alpha=8, lora_dropout=0.0, warmup_ratio=0.0, seed=0, progress=False))
+"""
+
+
+def test_two_processes_match_one(model_dir, dataset, tmp_path):
+    """Data parallel over loopback (mlx.launch --backend ring -n 2) = one process, same global batch."""
+    script = tmp_path / "dist.py"
+    script.write_text(DIST)
+    args = [str(model_dir), str(dataset / "stage2.jsonl"), str(dataset / "images")]
+    launch = Path(sys.executable).with_name("mlx.launch")
+    subprocess.run([sys.executable, script, *args, tmp_path / "one", "2"], check=True, timeout=600)
+    result = subprocess.run([launch, "--backend", "ring", "-n", "2", "--python", sys.executable, script,
+                             *args, tmp_path / "two", "1"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    a = mx.load(str(tmp_path / "one" / "adapters.safetensors"))
+    b = mx.load(str(tmp_path / "two" / "adapters.safetensors"))
+    for k in a:
+        assert np.allclose(np.array(a[k]), np.array(b[k]), atol=1e-5), k
