@@ -1,1 +1,240 @@
-"""PyTorch LLaVA checkpoints -> MLX model directories."""
+"""PyTorch LLaVA checkpoints -> MLX model directories.
+
+    from mlx_llava.convert import convert
+    convert("liuhaotian/llava-v1.5-7b", "llava-v1.5-7b-4bit", quantize=True)
+
+The steps, each in its own module: fetch the source (`hub`), tell its layout
+and open it as unread tensors under our names (`formats`, `original`,
+`checkpoint`), decide and check every output tensor against the model
+`mlx_llava.load` will build (`writer.plan`, `writer.check`), then stream
+them into shards in a temporary folder beside the output, with the
+tokenizer, preprocessor, config.json and a model card (`files`), and rename
+it into place. config.json is written last, so even a temporary folder left
+by a killed process never loads as a model; on any error the temporary
+folder is removed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import mlx.core as mx
+
+from mlx_llava.errors import LlavaError
+
+from . import files, formats, hub, writer
+
+__all__ = ["convert", "Summary"]
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+BITS = (4, 8)
+GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass
+class Summary:
+    """What a conversion made."""
+
+    path: Path
+    source: str
+    kind: str
+    parameters: int
+    bits_per_weight: float
+    size_bytes: int
+    seconds: float
+    quantization: Optional[dict] = None
+    notes: list = field(default_factory=list)
+    url: Optional[str] = None
+
+    def lines(self) -> list:
+        q = self.quantization
+        return [
+            f"parameters: {self.parameters / 1e9:.2f} B" if self.parameters >= 1e8 else f"parameters: {self.parameters:,}",
+            f"bits per weight: {self.bits_per_weight:.2f}" + (f" ({q['bits']}-bit, group size {q['group_size']})" if q else ""),
+            f"size on disk: {_size(self.size_bytes)}",
+            f"time: {self.seconds:.1f} s",
+        ]
+
+    def __str__(self):
+        head = f"converted {self.source} ({self.kind}) -> {self.path}"
+        tail = [f"note: {n}" for n in self.notes] + ([f"uploaded: {self.url}"] if self.url else [])
+        return "\n".join([head, *("  " + line for line in self.lines()), *tail])
+
+
+def convert(
+    hf_path: str,
+    mlx_path: str = "mlx_model",
+    dtype: Optional[str] = None,
+    quantize: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    quantize_vision: bool = False,
+    vision_tower: Optional[str] = None,
+    model_base: Optional[str] = None,
+    conv_mode: Optional[str] = None,
+    upload_repo: Optional[str] = None,
+    force: bool = False,
+    max_shard_gb: float = 5,
+    on_tensor: Optional[Callable[[str, int, int], None]] = None,
+) -> Summary:
+    """Convert a LLaVA checkpoint (hub repo id or folder) into an MLX model directory.
+
+    `hf_path`: original LLaVA, a stage-1 output (with `model_base`), a LoRA
+    output (with `model_base`), llava-hf, or an mlx-vlm directory.
+    `dtype`: of the unquantized weights; float16 unless given, except that
+    an MLX source keeps its own.
+    `vision_tower`: the CLIP repo or folder, instead of the one the config
+    names. `quantize`: `q_bits` with `q_group_size`, as mlx-lm does it; the
+    vision tower too with `quantize_vision`. `conv_mode` overrides the
+    template chosen from the model name. `on_tensor(name, done, total)` is
+    called after each tensor is written (for progress bars). Returns a
+    `Summary`; raises LlavaError for anything a user can fix.
+    """
+    start = time.perf_counter()
+    if dtype is not None and dtype not in DTYPES:
+        raise LlavaError(f"unknown dtype {dtype!r} (float16, bfloat16, float32)")
+    if quantize and q_bits not in BITS:
+        raise LlavaError(f"--q-bits must be one of {', '.join(map(str, BITS))}, not {q_bits}")
+    if quantize and q_group_size not in GROUP_SIZES:
+        raise LlavaError(f"--q-group-size must be one of {', '.join(map(str, GROUP_SIZES))}, not {q_group_size}")
+    if conv_mode is not None:
+        _check_conv_mode(conv_mode)
+    out = Path(mlx_path).expanduser()
+    if out.exists() and not force:
+        raise LlavaError(f"{out} already exists (pass --force to replace it)")
+
+    folder = hub.fetch(hf_path, "model")
+    source = formats.open_source(folder, formats.model_name(hf_path), vision_tower, model_base)
+    if conv_mode is not None:
+        source.config["conv_mode"] = conv_mode
+    tokenizer = files.load_tokenizer(source.tokenizer, source.extra_tokens)
+    config = _with_tokens(source, tokenizer)
+    quantization = writer.Quantization(q_bits, q_group_size, quantize_vision) if quantize else None
+    target = DTYPES[dtype] if dtype else None if source.kind == "mlx-vlm" else mx.float16
+    items, config = _plan(source, config, target, quantization)
+
+    with _staging(out) as tmp:
+        written = writer.write(tmp, items, int(max_shard_gb * 10**9), on_tensor)
+        tokenizer.save_pretrained(str(tmp))
+        files.write_json(tmp / "preprocessor_config.json",
+                         files.preprocessor_config(source.preprocessor, config["image_aspect_ratio"]))
+        summary = Summary(out, str(hf_path), source.kind, written.params, written.bits_per_weight, 0, 0.0,
+                          config.get("quantization"), source.notes)
+        command = _command(hf_path, out, dtype, quantize, q_bits, q_group_size, quantize_vision,
+                           vision_tower, model_base, conv_mode)
+        (tmp / "README.md").write_text(
+            files.model_card(str(hf_path), source.kind, command, config, summary.lines()[:2]))
+        files.write_json(tmp / "config.json", config)  # last: only a complete folder loads
+    summary.size_bytes = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    if upload_repo:
+        summary.url = hub.upload(out, upload_repo)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _check_conv_mode(conv_mode: str):
+    from mlx_llava.conversation import CHAT_TEMPLATE, get_template
+
+    if conv_mode != CHAT_TEMPLATE:
+        get_template(conv_mode)
+
+
+def _with_tokens(source: formats.Source, tokenizer) -> dict:
+    """The config with the image token's id, checking that the original's
+    extra tokens have the embedding rows they were trained with."""
+    config = dict(source.config)
+    vocab = config["text_config"]["vocab_size"]
+    for token in source.extra_tokens:
+        if files.token_id(tokenizer, token) >= vocab:
+            raise LlavaError(
+                f"the tokenizer gives {token} id {files.token_id(tokenizer, token)}, past the embedding "
+                f"table ({vocab} rows): tokenizer and weights do not belong together"
+            )
+    if "image_token_index" not in config:
+        config["image_token_index"] = files.token_id(tokenizer, files.IMAGE_TOKEN)
+    return config
+
+
+def _plan(source: formats.Source, config: dict, dtype, quantization) -> tuple:
+    """-> (writer items, output config): what each tensor becomes, checked
+    against the model `mlx_llava.load` will build from that config."""
+    from mlx_llava.weights import build_model
+
+    model = build_model(config)  # lazy: its random weights are never computed
+    quantizable = writer.quantizable_modules(model)
+    tensors, source_q = source.tensors, source.quantization
+    if source_q and (quantization is None or _same(source_q, quantization)):
+        # An mlx-vlm model keeps its quantization; only layers our model
+        # needs in full precision are unpacked.
+        tensors = formats.dequantize(tensors, source_q, keep=lambda module: module in quantizable)
+        quantization, qconfig = None, source_q
+    elif source_q:  # asked for another quantization: unpack all, quantize afresh
+        tensors = formats.dequantize(tensors, source_q)
+        qconfig = quantization.config()
+    else:
+        qconfig = quantization.config() if quantization else None
+    items = writer.plan(tensors, dtype, quantization, quantizable)
+    if not any(name.endswith(".scales") for item in items for name, _, _ in item.outputs):
+        qconfig = None  # nothing the group size divides
+    writer.check(items, model, qconfig)
+    config = {**config, **({"quantization": qconfig} if qconfig else {})}
+    return items, config
+
+
+def _same(qconfig: dict, quantization: writer.Quantization) -> bool:
+    return (qconfig.get("bits"), qconfig.get("group_size")) == (quantization.bits, quantization.group_size)
+
+
+@contextmanager
+def _staging(out: Path):
+    """A temporary folder beside `out`, renamed to it when the block ends
+    well and removed when it does not (errors and Ctrl-C alike)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=out.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would outlive the rename
+        yield tmp
+        if out.exists():  # --force: the old folder goes only once the new one is complete
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk, say: the user's to fix
+            raise LlavaError(f"cannot write {out}: {e.strerror or e}") from None
+        raise
+
+
+def _command(hf_path, out, dtype, quantize, q_bits, q_group_size, quantize_vision,
+             vision_tower, model_base, conv_mode) -> str:
+    """The mlx-llava command line that makes this conversion."""
+    parts = ["mlx-llava convert", f"--hf {hf_path}", f"--mlx-path {out.name}"]
+    if dtype:
+        parts.append(f"--dtype {dtype}")
+    if quantize:
+        parts.append(f"-q --q-bits {q_bits} --q-group-size {q_group_size}")
+        if quantize_vision:
+            parts.append("--quantize-vision")
+    for flag, value in (("--vision-tower", vision_tower), ("--model-base", model_base), ("--conv-mode", conv_mode)):
+        if value:
+            parts.append(f"{flag} {value}")
+    return " ".join(parts)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} GB"

@@ -4,6 +4,10 @@ It pairs the model's tokenizer (mlx-lm's wrapper, for streaming
 detokenization) with the image preprocessing and the conversation template,
 so that `processor(prompt, images)` gives llava-hf style inputs: each
 `<image>` expanded to the visual tokens it becomes.
+
+LLaVA v1 models trained with `mm_use_im_start_end` saw each image between
+`<im_start>` and `<im_end>` tokens; config.json says so, and `encode` then
+wraps every `<image>` in them, as the original's prompts do.
 """
 
 import json
@@ -17,10 +21,15 @@ from . import conversation
 from .errors import LlavaError
 from .image import ImageConfig, preprocess
 
+IM_START_END = ("<im_start>", "<im_end>")  # the original's DEFAULT_IM_START_TOKEN / DEFAULT_IM_END_TOKEN
+
+
 class Processor:
     def __init__(self, tokenizer, image_config: ImageConfig, image_token_index: int,
-                 num_visual_tokens: int, conv_mode: str, context_length: int):
+                 num_visual_tokens: int, conv_mode: str, context_length: int,
+                 image_wrap: Optional[tuple] = None):
         self.tokenizer = tokenizer
+        self.image_wrap = image_wrap  # (before, after) each <image>, e.g. ("<im_start>", "<im_end>")
         self.image_config = image_config
         self.image_token_index = image_token_index
         self.num_visual_tokens = num_visual_tokens
@@ -51,6 +60,7 @@ class Processor:
             patches if strategy == "default" else patches + 1,
             conv_mode,
             text.get("max_position_embeddings") or 4096,
+            IM_START_END if config.get("mm_use_im_start_end") else None,
         )
 
     def prompt(self, messages, add_generation_prompt: bool = True, conv_mode: Optional[str] = None) -> str:
@@ -62,6 +72,10 @@ class Processor:
 
     def encode(self, prompt: str) -> list:
         """Token ids as the original LLaVA makes them, `<image>` expanded to visual tokens."""
+        if self.image_wrap:
+            before, after = self.image_wrap
+            placeholder = conversation.IMAGE_PLACEHOLDER
+            prompt = prompt.replace(placeholder, before + placeholder + after)
         return conversation.tokenize(
             self.tokenizer, prompt, self.image_token_index, self.num_visual_tokens
         )

@@ -1,0 +1,46 @@
+"""`mlx-llava convert`: a LLaVA checkpoint (hub or folder) -> an MLX model directory."""
+
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
+from . import app
+
+Opt = typer.Option
+
+
+@app.command()
+def convert(
+    hf: Annotated[str, Opt("--hf", "--hf-path", help="Source: hub repo id or folder (original LLaVA, stage-1, LoRA, llava-hf, mlx-vlm).")],
+    mlx_path: Annotated[str, Opt("--mlx-path", help="Output folder.")] = "mlx_model",
+    dtype: Annotated[Optional[str], Opt("--dtype", help="float16, bfloat16 or float32, for unquantized weights. Default: float16 (an MLX source keeps its own).")] = None,
+    quantize: Annotated[bool, Opt("-q", "--quantize", help="Quantize, as mlx-lm does (embeddings and lm_head too).")] = False,
+    q_bits: Annotated[int, Opt("--q-bits", help="4 or 8.")] = 4,
+    q_group_size: Annotated[int, Opt("--q-group-size", help="32, 64 or 128.")] = 64,
+    quantize_vision: Annotated[bool, Opt("--quantize-vision", help="Quantize the vision tower as well.")] = False,
+    vision_tower: Annotated[Optional[str], Opt("--vision-tower", help="CLIP repo or folder, instead of the config's mm_vision_tower.")] = None,
+    model_base: Annotated[Optional[str], Opt("--model-base", help="The language model a stage-1 or LoRA output was trained on.")] = None,
+    conv_mode: Annotated[Optional[str], Opt("--conv-mode", help="Chat template to record (default: the original's rule from the model name).")] = None,
+    upload_repo: Annotated[Optional[str], Opt("--upload-repo", help="Upload the result to this hub repository.")] = None,
+    force: Annotated[bool, Opt("--force", help="Replace an existing output folder.")] = False,
+):
+    """Convert a LLaVA checkpoint into an MLX model directory."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from mlx_llava.convert import convert as run
+
+    with Progress(TextColumn("converting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}"), console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("", total=None)
+
+        def on_tensor(name, done, total):
+            bar.update(task, completed=done, total=total, description=name)
+
+        summary = run(
+            hf, mlx_path, dtype=dtype, quantize=quantize, q_bits=q_bits, q_group_size=q_group_size,
+            quantize_vision=quantize_vision, vision_tower=vision_tower, model_base=model_base,
+            conv_mode=conv_mode, upload_repo=upload_repo, force=force, on_tensor=on_tensor,
+        )
+    print(summary)

@@ -1,0 +1,278 @@
+"""Which layout a source checkpoint is in, and reading it as a `Source`.
+
+Five layouts are read:
+
+- "original": haotian-liu/LLaVA's LlavaLlamaForCausalLM (liuhaotian/*),
+  told apart from llava-hf by the `mm_*` fields of its flat config;
+- "stage-1": a lone `mm_projector.bin` (needs the language model);
+- "lora": a peft adapter + `non_lora_trainables.bin` (needs the base);
+- "llava-hf": LlavaForConditionalGeneration (`text_config`/`vision_config`);
+- "mlx-vlm": the same config with MLX weights, possibly quantized.
+
+The first three live in `original.py`; this module holds the dispatch, the
+llava-hf / mlx-vlm reader and what all of them share (the CLIP vision tower,
+tensor renames, the conversation template rule).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+
+from mlx_llava.errors import LlavaError
+from mlx_llava.models.llava import LLAVA_VISION, rename, text_config_with_defaults
+from mlx_llava.weights import load_config
+
+from .checkpoint import Tensor, model_files, read_files, safetensors_metadata
+from .hub import fetch
+
+LLAVA_TYPES = ("llava", "llava_llama", "llava_mistral")
+
+
+@dataclass
+class Source:
+    """A checkpoint opened for conversion: everything the output is made of.
+
+    `config` is the output config.json (llava-hf style, our keys added)
+    before quantization; `tensors` are under our names, unread; `quantization`
+    is the source's own (mlx-vlm), whose tensors are marked `quantized`."""
+
+    kind: str
+    name: str
+    config: dict
+    tensors: list
+    tokenizer: Path
+    preprocessor: dict
+    extra_tokens: list = field(default_factory=list)  # added before <image>, in this order
+    quantization: Optional[dict] = None
+    notes: list = field(default_factory=list)
+
+
+def model_name(source) -> str:
+    """The original's get_model_name_from_path: the last path part, or the
+    last two for a `checkpoint-N` folder. The conversation template depends on it."""
+    parts = str(source).rstrip("/").split("/")
+    if parts[-1].startswith("checkpoint-") and len(parts) > 1:
+        return f"{parts[-2]}_{parts[-1]}"
+    return parts[-1]
+
+
+def detect(folder: Path) -> str:
+    """The layout of a source folder (see the module docstring)."""
+    folder = Path(folder)
+    if (folder / "adapter_config.json").is_file():
+        return "lora"
+    has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
+    if (folder / "mm_projector.bin").is_file() and not has_weights:
+        return "stage-1"
+    config = load_config(folder)
+    model_type = config.get("model_type")
+    if "text_config" in config or "vision_config" in config:
+        if model_type not in LLAVA_TYPES:
+            raise LlavaError(f"unknown model type {model_type!r}: mlx-llava converts LLaVA models (llava)")
+        quantized = "quantization" in config
+        mlx = quantized or any(safetensors_metadata(f).get("format") == "mlx" for f in folder.glob("*.safetensors"))
+        return "mlx-vlm" if mlx else "llava-hf"
+    if model_type in LLAVA_TYPES or any(k.startswith("mm_") for k in config):
+        return "original"
+    raise LlavaError(
+        f"unknown model type {model_type!r}: not a LLaVA checkpoint"
+        " (no text_config/vision_config, and no mm_* fields of the original LLaVA)"
+    )
+
+
+def open_source(folder: Path, name: str, vision_tower=None, model_base=None) -> Source:
+    from . import original
+
+    kind = detect(folder)
+    if re.search(r"delta-v\d", name.lower()):
+        raise LlavaError(
+            f"{name} holds delta weights (differences from LLaMA): apply them to LLaMA first with the"
+            " original's `python -m llava.model.apply_delta`, then convert the result"
+        )
+    if kind in ("stage-1", "lora") and model_base is None:
+        what = "a lone mm_projector.bin (stage-1 output)" if kind == "stage-1" else "a LoRA adapter"
+        raise LlavaError(f"{folder} holds {what}: pass --model-base with the language model it was trained on")
+    if kind == "original":
+        return original.read_original(folder, name, vision_tower)
+    if kind == "stage-1":
+        return original.read_stage1(folder, name, vision_tower, model_base)
+    if kind == "lora":
+        return original.read_lora(folder, name, vision_tower, model_base)
+    return read_llava_hf(folder, name, kind)
+
+
+# ---------------------------------------------------------------- shared
+
+
+def patch_kernel(t: Tensor, channels: int = 3) -> Tensor:
+    """PyTorch's OIHW patch kernel -> MLX's OHWI (a kernel already OHWI stays)."""
+    if not t.name.endswith("patch_embedding.weight") or len(t.shape) != 4 or t.shape[-1] == channels:
+        return t
+    o, i, h, w = t.shape
+    return Tensor(t.name, (o, h, w, i), t.dtype, lambda: t.read().transpose(0, 2, 3, 1))
+
+
+def is_buffer(name: str) -> bool:
+    """Non-parameters some checkpoints save: rotary frequencies, position ids."""
+    return name.endswith(("rotary_emb.inv_freq", "position_ids"))
+
+
+def clip_config(folder: Path) -> dict:
+    """The vision config of a CLIP folder (CLIPModel or CLIPVisionModel)."""
+    config = load_config(folder)
+    vision = config.get("vision_config") if config.get("model_type") == "clip" else config
+    if not vision or vision.get("model_type", "clip_vision_model") != "clip_vision_model":
+        raise LlavaError(f"{folder} is not a CLIP vision tower (model_type {config.get('model_type')!r})")
+    keep = {k: v for k, v in vision.items() if not k.startswith("_") and k not in ("architectures", "transformers_version")}
+    return {**keep, "model_type": "clip_vision_model"}
+
+
+def clip_tensors(folder: Path) -> list:
+    """A CLIP folder's vision weights (`vision_model.*`), under our names."""
+    out = []
+    for t in read_files(model_files(folder)):
+        if t.name.startswith("vision_model.") and not is_buffer(t.name):
+            out.append(patch_kernel(t.renamed("vision_tower." + t.name)))
+    if not out:
+        raise LlavaError(f"{folder} has no vision_model.* weights")
+    return out
+
+
+def vision_tower(spec, what: str, with_weights: bool) -> tuple:
+    """(vision_config, tensors or [], preprocessor dict) of a CLIP vision tower,
+    a hub id or a folder; its weights only when `with_weights`."""
+    try:
+        folder = fetch(spec, what, weights=with_weights)
+    except LlavaError as e:
+        raise LlavaError(f"{e}; name it with --vision-tower") from None
+    config = clip_config(folder)
+    tensors = clip_tensors(folder) if with_weights else []
+    pre = folder / "preprocessor_config.json"
+    size = config.get("image_size", 224)
+    default = {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}
+    return config, tensors, json.loads(pre.read_text()) if pre.is_file() else default
+
+
+def conv_mode_for(name: str) -> tuple:
+    """The original run_llava.py's template rule, from the model name.
+    -> (conv mode, note or None)."""
+    n = name.lower()
+    if "llama-2" in n:
+        return "llava_llama_2", None
+    if "mistral" in n:
+        return "mistral_instruct", None
+    if "v1" in n:
+        return "llava_v1", None
+    return "llava_v1", (
+        f"the original picks its llava_v0 template for a model named {name!r}, which mlx-llava "
+        "does not have: using llava_v1 (choose another with --conv-mode)"
+    )
+
+
+def complete_text_config(text: dict, tensors: list) -> dict:
+    """A full text config; vocabulary and weight tying from the tensors themselves."""
+    text = text_config_with_defaults(text)
+    names = {t.name: t for t in tensors}
+    embed = names.get("language_model.model.embed_tokens.weight")
+    if embed is not None:  # rows are tokens, packed or not
+        text["vocab_size"] = embed.shape[0]
+    text["tie_word_embeddings"] = "language_model.lm_head.weight" not in names
+    return text
+
+
+# ---------------------------------------------------------------- llava-hf, mlx-vlm
+
+
+def read_llava_hf(folder: Path, name: str, kind: str) -> Source:
+    config = load_config(folder)
+    quantization = config.get("quantization")
+    if not quantization and isinstance(config.get("quantization_config"), dict):
+        method = config["quantization_config"].get("quant_method", "unknown")
+        raise LlavaError(f"{folder} is quantized with {method}, which mlx-llava cannot read: convert the full-precision model")
+    vision = config.get("vision_config") or {"model_type": "clip_vision_model", **LLAVA_VISION}
+    channels = vision.get("num_channels", 3)
+    tensors = []
+    for t in read_files(model_files(folder)):
+        if is_buffer(t.name):
+            continue
+        tensors.append(patch_kernel(t.renamed(rename(t.name)), channels))
+    if quantization:
+        tensors = _mark_quantized(tensors, quantization)
+
+    out = {k: v for k, v in config.items()
+           if k not in ("quantization", "quantization_config", "transformers_version", "torch_dtype", "dtype")
+           and not k.startswith("_")}
+    out["model_type"] = "llava"
+    out["architectures"] = ["LlavaForConditionalGeneration"]
+    out["text_config"] = complete_text_config(config.get("text_config") or {}, tensors)
+    out["vision_config"] = vision
+    if "image_token_id" in out:
+        out.setdefault("image_token_index", out.pop("image_token_id"))
+    out.setdefault("projector_type", "mlp2x_gelu")
+
+    pre_path = folder / "preprocessor_config.json"
+    pre = json.loads(pre_path.read_text()) if pre_path.is_file() else {}
+    # LLaVA-1.5 (a LLaMA/Vicuna, CLIP at 336 px, the MLP projector) pads images
+    # to squares and was trained with the llava_v1 template.
+    llava_15 = (out["text_config"].get("model_type") == "llama" and vision.get("image_size") == 336
+                and out["projector_type"] == "mlp2x_gelu")
+    notes = []
+    if "image_aspect_ratio" not in out:
+        out["image_aspect_ratio"] = "pad" if pre.get("do_pad") or llava_15 else "crop"
+    if "conv_mode" not in out:
+        if llava_15 or not _has_chat_template(folder):
+            out["conv_mode"] = "llava_v1"
+        else:
+            out["conv_mode"] = "chat_template"
+            notes.append("no LLaVA-1.5 template known for this model: prompts use the tokenizer's chat template")
+    return Source(kind, name, out, tensors, folder, pre, quantization=quantization, notes=notes)
+
+
+def _has_chat_template(folder: Path) -> bool:
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    tc = folder / "tokenizer_config.json"
+    return tc.is_file() and bool(json.loads(tc.read_text()).get("chat_template"))
+
+
+def _mark_quantized(tensors: list, quantization: dict) -> list:
+    """Mark each quantized layer's weight, scales and biases with its bits."""
+    scaled = {t.name[: -len(".scales")] for t in tensors if t.name.endswith(".scales")}
+    out = []
+    for t in tensors:
+        module, _, leaf = t.name.rpartition(".")
+        if module in scaled and leaf in ("weight", "scales", "biases"):
+            layer = quantization.get(module) if isinstance(quantization.get(module), dict) else quantization
+            t = Tensor(t.name, t.shape, t.dtype, t.read, quantized=layer["bits"])
+        out.append(t)
+    return out
+
+
+def dequantize(tensors: list, quantization: dict, keep=lambda module: False) -> list:
+    """Already-quantized layers back to full precision (float16), except
+    those `keep(module)` says stay as they are."""
+    by_name = {t.name: t for t in tensors}
+    out = []
+    for t in tensors:
+        module, _, leaf = t.name.rpartition(".")
+        if not t.quantized or keep(module):
+            out.append(t)
+            continue
+        if leaf != "weight":
+            continue  # scales and biases go into the weight
+        layer = quantization.get(module) if isinstance(quantization.get(module), dict) else quantization
+        bits, group_size = layer["bits"], layer["group_size"]
+        w, s, b = t, by_name[f"{module}.scales"], by_name[f"{module}.biases"]
+
+        def read(w=w, s=s, b=b, bits=bits, group_size=group_size):
+            return mx.dequantize(w.read(), s.read(), b.read(), group_size=group_size, bits=bits)
+
+        shape = (*t.shape[:-1], t.shape[-1] * 32 // bits)
+        out.append(Tensor(t.name, shape, s.dtype, read))
+    return out
