@@ -19,7 +19,7 @@ app = typer.Typer(
 
 def register():
     """Import the command modules; each adds its commands to `app`."""
-    from . import chat, generate, train  # noqa: F401
+    from . import chat, convert, datagen, demo, eval, generate, train  # noqa: F401
 
 
 def main():

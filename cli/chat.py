@@ -50,7 +50,7 @@ def chat(
         if line in ("/quit", "/exit", "/q"):
             return
         if line == "/reset":
-            session.reset(session.images[0] if session.images else session.pending_image)
+            session.restart()
             typer.echo("(conversation cleared)")
             continue
         if line.startswith("/image"):

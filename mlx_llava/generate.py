@@ -46,6 +46,14 @@ class Chat:
         self.cache = make_prompt_cache(self.model.language_model)
         self.tokens = []  # the token ids whose keys and values are in the cache
 
+    def restart(self):
+        """Start the conversation over about the same first image, keeping its
+        visual tokens and the cache (the shared prompt prefix is reused)."""
+        first = self.images[:1]
+        self.messages = self.messages[:1] if self.system else []
+        self.pending_image = first[0] if first else self.pending_image
+        self.images, self.features = [], self.features[:1] if first else []
+
     def ask(self, question: str, image=None, max_tokens: int = 256, temperature: float = 0.0,
             top_p: float = 1.0, seed: Optional[int] = None,
             repetition_penalty: Optional[float] = None) -> Iterator[GenerationResponse]:

@@ -104,7 +104,9 @@ def train(config: TrainConfig = None, on_step=None, **kwargs) -> dict:
             mx.random.seed(cfg.seed * 1_000_003 + step)  # dropout: a function of the step, so resumes match
             tic = time.perf_counter()
             grads, loss_sum, tokens = None, mx.array(0.0), mx.array(0)
+            read = 0  # every token the language model reads on this process, visual ones included
             for ids in batches[index][rank * accum:(rank + 1) * accum]:
+                read += sum(lengths[i] for i in ids)
                 batch = make_batch(model, processor, data, ids, features)
                 if batch is None:
                     continue
@@ -118,6 +120,7 @@ def train(config: TrainConfig = None, on_step=None, **kwargs) -> dict:
                 grads = tree_map(lambda g: mx.distributed.all_sum(g, group=group), grads)
                 loss_sum = mx.distributed.all_sum(loss_sum, group=group)
                 tokens = mx.distributed.all_sum(tokens, group=group)
+                read = mx.distributed.all_sum(mx.array(read), group=group).item()
             scale = 1.0 / mx.maximum(tokens, 1).astype(mx.float32)
             grads = tree_map(lambda g: g * scale.astype(g.dtype), grads)
             if cfg.max_grad_norm:
@@ -129,7 +132,8 @@ def train(config: TrainConfig = None, on_step=None, **kwargs) -> dict:
             seconds = time.perf_counter() - tic
             losses.append((step + 1, loss))
             record = {"step": step + 1, "loss": round(loss, 6), "learning_rate": lr,
-                      "tokens_per_second": round(tokens.item() / seconds, 1),
+                      "tokens_per_second": round(read / seconds, 1),  # all tokens read, visual included
+                      "trained_tokens": tokens.item(),  # the answer tokens the loss covers
                       "samples_per_second": round(cfg.batch_size / seconds, 2),
                       "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3)}
             if val is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
