@@ -128,8 +128,31 @@ def train_clip(images, captions, tokenizer, path, image_size=64, patch_size=16, 
         mx.eval(model.parameters(), optimizer.state, loss)
         if step % 50 == 0 or step == steps - 1:
             log(f"  CLIP step {step + 1}/{steps}: loss {loss.item():.3f} ({time.perf_counter() - tic:.0f}s)")
+    factor = rescale_residual(model.vision, pixels[:256])
+    log(f"  CLIP residual stream scaled by {factor:.3g} (unit-RMS features at layer -2)")
     save_vision_tower(model, vision, image_config, path)
     return Path(path)
+
+
+def rescale_residual(tower: VisionTower, pixels, layer: int = -2) -> float:
+    """Scale the tower's residual stream so the features at `layer` have RMS 1.
+
+    A pre-LayerNorm transformer computes the same function at any scale of
+    its residual stream: every block reads it through a LayerNorm. Scaling
+    what writes to it (the pre-layernorm's affine, each block's output
+    projections) by one factor scales every hidden state by that factor and
+    changes nothing else. Contrastive training lets the stream grow (RMS ~5
+    here) while LLaMA's word embeddings have RMS ~0.1; visual tokens a
+    thousand times louder than words hamper both LLaVA stages, so the tower
+    is saved at unit scale. Returns the factor."""
+    rms = mx.sqrt(mx.mean(tower(mx.array(pixels), [layer])[0][:, 1:] ** 2)).item()
+    factor = 1.0 / rms
+    model = tower.vision_model
+    blocks = [model.pre_layrnorm] + [m for layer_ in model.encoder.layers
+                                     for m in (layer_.self_attn.out_proj, layer_.mlp.fc2)]
+    for block in blocks:
+        block.update({k: v * factor for k, v in block.parameters().items()})
+    return factor
 
 
 def save_vision_tower(model: Clip, vision: VisionConfig, image_config: ImageConfig, path):

@@ -42,14 +42,14 @@ class Recipe:
     conv_mode: str = "vicuna_v1"
     language_model: dict = field(default_factory=lambda: dict(
         hidden_size=256, num_layers=4, num_heads=4, intermediate_size=512,
-        steps=300, batch_size=32, lr=2e-3))
+        steps=150, batch_size=32, lr=2e-3))
     clip: dict = field(default_factory=lambda: dict(
         patch_size=24, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=256,
-        steps=600, batch_size=128, lr=1e-3))
+        steps=500, batch_size=128, lr=1e-3))
     stage1: dict = field(default_factory=lambda: dict(
         captions_per_image=1, batch_size=32, learning_rate=1e-3, epochs=1))
     stage2: dict = field(default_factory=lambda: dict(
-        batch_size=32, learning_rate=1e-3, projector_lr=1e-3, epochs=1, warmup_ratio=0.03))
+        batch_size=32, learning_rate=1e-3, projector_lr=1e-3, epochs=3, warmup_ratio=0.03))
 
 
 def build(out, recipe: Recipe = None, variants=("full",), log=print) -> dict:
@@ -103,7 +103,7 @@ def build(out, recipe: Recipe = None, variants=("full",), log=print) -> dict:
                    load_tokenizer(out / "tokenizer"), path, image_size=r.image_size, seed=r.seed,
                    regions=regions, log=log, **r.clip)
 
-    step("clip", [r.seed, r.image_size, r.clip, "regions"], clip)
+    step("clip", [r.seed, r.image_size, r.clip, "regions", "unit-rms"], clip)
 
     rng = random.Random(r.seed)
     by_image = {}
@@ -139,7 +139,7 @@ def build(out, recipe: Recipe = None, variants=("full",), log=print) -> dict:
                 train(TrainConfig(stage=2, model=str(out / "stage1" / "model"), method="full",
                                   data=str(subset_file), output=str(path), **r.stage2, **common))
 
-            step(name, [r.seed, r.stage1, r.stage2, types, r.clip, r.language_model], run_stage2)
+            step(name, [r.seed, r.stage1, r.stage2, list(types), r.clip, r.language_model], run_stage2)
             model_dir = out / name / "model"
         tic = time.perf_counter()
         model, processor = load(model_dir)

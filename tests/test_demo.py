@@ -1,0 +1,67 @@
+"""The shipped demo model, and the recipe that rebuilds it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import mlx_llava
+from mlx_llava.demo import HERE, Recipe, build, heldout_dir
+from mlx_llava.eval import evaluate, load_questions
+from mlx_llava.weights import default_model
+
+REPORTED = json.loads((HERE / "results.json").read_text())
+
+
+def test_shipped_model_answers_the_heldout_sample_at_the_reported_accuracy():
+    """Loads from the installed package (no network) and scores what the README says."""
+    model, processor = mlx_llava.load(default_model())
+    questions = load_questions(heldout_dir() / "questions.json")
+    result = evaluate(model, processor, questions, heldout_dir() / "images")
+    reported = REPORTED["shipped_sample"]
+    assert result["count"] == reported["count"] == len(questions)
+    # Greedy decoding is deterministic; allow one answer of slack for other
+    # BLAS builds, whose float rounding can flip a near tie.
+    assert abs(result["accuracy"] - reported["accuracy"]) <= 1 / result["count"] + 1e-9
+    for kind, accuracy in reported["by_kind"].items():
+        asked = sum(q["kind"] == kind for q in questions)
+        assert abs(result["by_kind"][kind] - accuracy) <= 1 / asked + 1e-9, kind
+
+
+def test_chat_runs_the_demo_model_without_a_model_flag():
+    image = heldout_dir() / "images" / sorted(p.name for p in (heldout_dir() / "images").iterdir())[0]
+    question = load_questions(heldout_dir() / "questions.json")[0]
+    result = subprocess.run([sys.executable, "-m", "mlx_llava.cli", "chat", str(image)],
+                            input="What shapes are in the image?\n/quit\n", capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert ">> " in result.stdout and len(result.stdout.split(">> ")[1].strip()) > 0
+    assert question  # the sample is not empty
+
+
+def test_eval_command_prints_the_table():
+    result = subprocess.run([sys.executable, "-m", "mlx_llava.cli", "eval"], capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "| demo |" in result.stdout and "overall" in result.stdout
+
+
+def test_recipe_runs_end_to_end_at_toy_scale(tmp_path):
+    """The same code path as `mlx-llava demo train`, with a toy budget."""
+    recipe = Recipe(n_train=48, n_test=4, vocab_size=400)
+    recipe.language_model.update(steps=2, batch_size=8, hidden_size=64, intermediate_size=128)
+    recipe.clip.update(steps=2, batch_size=8, hidden_size=32, intermediate_size=64)
+    recipe.stage1.update(batch_size=16)
+    recipe.stage2.update(batch_size=16, epochs=1)
+    summary = build(tmp_path, recipe, variants=("full", "conversation", "stage1"), log=lambda *a: None)
+    assert set(summary["results"]) == {"full", "conversation", "stage1"}
+    for variant in ("full", "conversation"):
+        assert (tmp_path / f"stage2-{variant}" / "model" / "config.json").exists()
+    data = [json.loads(l) for l in (tmp_path / "stage2-conversation" / "log.jsonl").read_text().splitlines()]
+    assert data, "stage 2 trained"
+    conversation_only = json.loads((tmp_path / "instruct-conversation.json").read_text())
+    assert conversation_only and {s["type"] for s in conversation_only} == {"conversation"}
+    # A rerun reuses every finished step.
+    again = build(tmp_path, recipe, variants=("full",), log=lambda *a: None)
+    assert not any(k in again["timings"] for k in ("language_model", "clip", "stage1", "stage2-full"))
