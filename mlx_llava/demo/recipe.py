@@ -42,14 +42,14 @@ class Recipe:
     conv_mode: str = "vicuna_v1"
     language_model: dict = field(default_factory=lambda: dict(
         hidden_size=256, num_layers=4, num_heads=4, intermediate_size=512,
-        steps=150, batch_size=32, lr=2e-3))
+        steps=150, batch_size=32, lr=5e-4))
     clip: dict = field(default_factory=lambda: dict(
         patch_size=24, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=256,
         steps=500, batch_size=128, lr=1e-3))
     stage1: dict = field(default_factory=lambda: dict(
         captions_per_image=1, batch_size=32, learning_rate=1e-3, epochs=1))
     stage2: dict = field(default_factory=lambda: dict(
-        batch_size=32, learning_rate=1e-3, projector_lr=1e-3, epochs=3, warmup_ratio=0.03))
+        batch_size=32, learning_rate=5e-4, projector_lr=5e-4, epochs=1, warmup_ratio=0.03))
 
 
 def build(out, recipe: Recipe = None, variants=("full",), log=print) -> dict:
