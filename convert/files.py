@@ -85,6 +85,6 @@ def model_card(source: str, kind: str, command: str, config: dict, summary_lines
 
 
 def _looks_like_repo(source: str) -> bool:
-    from .hub import is_repo_id
+    from mlx_llava.weights import is_repo_id
 
     return is_repo_id(source) and not Path(source).exists()

@@ -13,13 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from mlx_llava.errors import LlavaError
+from mlx_llava.weights import download, is_repo_id
 
 SMALL_FILES = ["*.json", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
 WEIGHTS = {"safetensors": ["*.safetensors"], "bin": ["*.bin"]}
-
-
-def is_repo_id(source: str) -> bool:
-    return source.count("/") == 1 and not source.startswith((".", "/", "~")) and " " not in source
 
 
 def fetch(source, what: str = "model", weights: bool = True) -> Path:
@@ -35,21 +32,12 @@ def fetch(source, what: str = "model", weights: bool = True) -> Path:
     repo = str(source)
     if not is_repo_id(repo):
         raise LlavaError(f"{what} not found: {repo} (no such folder, and not a hub repo id)")
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub import constants
 
     patterns = list(SMALL_FILES)
     if weights:
         patterns += _weight_patterns(repo) if not constants.HF_HUB_OFFLINE else WEIGHTS["safetensors"] + WEIGHTS["bin"]
-    try:
-        return Path(snapshot_download(repo, allow_patterns=patterns))
-    except LocalEntryNotFoundError:
-        raise LlavaError(
-            f"{what} not found: {repo} is not a local folder and is not in the Hugging Face cache"
-            " (offline, or the hub cannot be reached)"
-        ) from None
-    except (HfHubHTTPError, OSError, ValueError) as e:
-        raise LlavaError(f"{what} not found: {repo} ({type(e).__name__}: {e})".splitlines()[0]) from None
+    return download(repo, patterns, what)
 
 
 def _weight_patterns(repo: str) -> list:

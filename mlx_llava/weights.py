@@ -37,20 +37,30 @@ def resolve(path_or_repo) -> Path:
             raise LlavaError(f"{path} is not a model directory (no config.json)")
         return path
     repo = str(path_or_repo)
-    if repo.count("/") != 1 or repo.startswith((".", "/", "~")):
+    if not is_repo_id(repo):
         raise LlavaError(f"model not found: {repo} (no such folder, and not a hub repo id)")
+    return download(repo, ALLOW_PATTERNS)
+
+
+def is_repo_id(source: str) -> bool:
+    return source.count("/") == 1 and not source.startswith((".", "/", "~")) and " " not in source
+
+
+def download(repo: str, patterns: list, what: str = "model") -> Path:
+    """`repo`'s files matching `patterns`, through huggingface-hub (HF_HUB_OFFLINE
+    and the local cache honoured); a failure is one LlavaError line naming `what`."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        return Path(snapshot_download(repo, allow_patterns=ALLOW_PATTERNS))
+        return Path(snapshot_download(repo, allow_patterns=patterns))
     except LocalEntryNotFoundError:
         raise LlavaError(
-            f"model not found: {repo} is not a local folder and is not in the Hugging Face cache"
+            f"{what} not found: {repo} is not a local folder and is not in the Hugging Face cache"
             " (offline, or the hub cannot be reached)"
         ) from None
     except (HfHubHTTPError, OSError, ValueError) as e:
-        raise LlavaError(f"model not found: {repo} ({type(e).__name__})") from None
+        raise LlavaError(f"{what} not found: {repo} ({type(e).__name__}: {e})".splitlines()[0]) from None
 
 
 def default_model() -> Path:
