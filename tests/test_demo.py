@@ -62,6 +62,24 @@ def test_recipe_runs_end_to_end_at_toy_scale(tmp_path):
     assert data, "stage 2 trained"
     conversation_only = json.loads((tmp_path / "instruct-conversation.json").read_text())
     assert conversation_only and {s["type"] for s in conversation_only} == {"conversation"}
+    # The CLIP starts with position embeddings as loud as patch content (MLX's default is ~0.09).
+    from mlx_llava.weights import load_weights
+
+    position = load_weights(tmp_path / "clip")["vision_model.embeddings.position_embedding.weight"]
+    assert 0.5 < position.std().item() < 2
     # A rerun reuses every finished step.
     again = build(tmp_path, recipe, variants=("full",), log=lambda *a: None)
     assert not any(k in again["timings"] for k in ("language_model", "clip", "stage1", "stage2-full"))
+
+
+def test_region_phrases_name_what_and_where():
+    from mlx_llava.datagen import make_scenes
+    from mlx_llava.demo.recipe import region_phrases
+
+    scenes = make_scenes(6, seed=3, image_size=72)
+    for scene in scenes:
+        record = {"objects": [{"category": o.shape, "bbox": o.bbox, "attributes": {"color": o.colour}}
+                              for o in scene.objects]}
+        phrases = region_phrases(record, 72)
+        assert [p for _, _, p in phrases] == [f"{o.colour} {o.shape} {o.position}" for o in scene.objects]
+        assert [(x, y) for x, y, _ in phrases] == [o.center for o in scene.objects]

@@ -29,6 +29,7 @@ from mlx_llava.datagen import (
     stage1_samples,
     write_coco,
 )
+from mlx_llava.datagen.rules import FAMILIES
 from mlx_llava.datagen.world import BACKGROUNDS, COLOURS, layout_key, split_of
 from mlx_llava.errors import LlavaError
 
@@ -351,6 +352,8 @@ def test_instruct_samples_are_true_and_well_formed(scenes):
         assert all("<image>" not in t["value"] for t in turns[1:])
         scene = by_file[sample["image"]]
         arr = pixels(scene)
+        if sample["type"] == "conversation":  # every question family once (relation needs two objects)
+            assert len(turns) // 2 == len(FAMILIES) - (len(scene.objects) == 1)
         for human, gpt in zip(turns[::2], turns[1::2]):
             question = human["value"].removeprefix("<image>\n")
             if sample["type"] == "conversation" and question.endswith(SHORT_ANSWER):

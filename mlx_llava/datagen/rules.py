@@ -204,11 +204,14 @@ def _sample(scene: Scene, kind: str, turns: list[tuple[str, str]]) -> dict:
     }
 
 
-def conversation(scene: Scene, rng: random.Random, short_p: float = 0.5) -> dict:
-    """2-5 turns of different families; each turn is short-answer with probability short_p."""
+def conversation(scene: Scene, rng: random.Random, short_p: float = 0.7) -> dict:
+    """One turn of every question family, in random order; each is short-answer
+    with probability short_p. A long conversation per image, as LLaVA-1.5 packs
+    all of an image's VQA questions into one: more answers per image read,
+    which is what a small model at a small budget needs most."""
     kinds = [k for k in FAMILIES if k != "relation" or len(scene.objects) > 1]
     turns = []
-    for kind in rng.sample(kinds, rng.randint(2, 5)):
+    for kind in rng.sample(kinds, len(kinds)):
         qa = FAMILIES[kind](scene, rng)
         if rng.random() < short_p:
             turns.append((f"{qa.question}\n{SHORT_ANSWER}", qa.short))
@@ -328,7 +331,7 @@ def reasoning(scene: Scene, rng: random.Random) -> dict:
     return _sample(scene, "reasoning", turns)
 
 
-def instruct_samples(scenes: list[Scene], seed: int = 0, short_p: float = 0.5) -> list[dict]:
+def instruct_samples(scenes: list[Scene], seed: int = 0, short_p: float = 0.7) -> list[dict]:
     """One conversation, one detail and one reasoning sample per scene, shuffled.
 
     Each scene's samples depend only on (seed, scene), not on the others.

@@ -73,7 +73,7 @@ def contrastive(a, b, logit_scale, target=None, symmetric=False):
 
 def train_clip(images, captions, tokenizer, path, image_size=64, patch_size=16, hidden_size=128,
                num_layers=4, num_heads=4, intermediate_size=256, text_dims=128, text_layers=2,
-               dims=128, steps=400, batch_size=64, lr=1e-3, seed=0, regions=None, log=print) -> Path:
+               dims=128, steps=400, batch_size=64, lr=1e-3, seed=0, regions=None, position_scale=1.0, log=print) -> Path:
     """`images`: paths or PIL images; `captions`: one list of captions per image.
     `regions` (optional): per image, its objects as (x, y, phrase), a point
     inside the object and its name ("red star"), from the annotations.
@@ -94,6 +94,11 @@ def train_clip(images, captions, tokenizer, path, image_size=64, patch_size=16, 
     pixels = preprocess(list(images), image_config)
     tokens = [[tokenizer.encode(c) + [tokenizer.eos_token_id] for c in caps] for caps in captions]
     model = Clip(vision, len(tokenizer._tokenizer), text_dims, text_layers, dims)
+    # Position embeddings as loud as a patch's content (MLX's default is ~10x
+    # quieter): otherwise the tokens of occupied patches lose where they are,
+    # and LLaVA cannot answer "where" questions.
+    embeddings = model.vision.vision_model.embeddings
+    embeddings.position_embedding.weight = position_scale * mx.random.normal(embeddings.position_embedding.weight.shape)
     mx.eval(model.parameters())
     warmup = max(1, steps // 20)
     optimizer = optim.AdamW(learning_rate=optim.join_schedules(

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..conversation import render
+from ..datagen.world import POSITIONS
 
 # The ablation, as the paper's Table 4: what stage 2 is trained on.
 VARIANTS = {
@@ -41,15 +42,15 @@ class Recipe:
     vocab_size: int = 1024
     conv_mode: str = "vicuna_v1"
     language_model: dict = field(default_factory=lambda: dict(
-        hidden_size=256, num_layers=4, num_heads=4, intermediate_size=512,
+        hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384,
         steps=150, batch_size=32, lr=5e-4))
     clip: dict = field(default_factory=lambda: dict(
         patch_size=24, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=256,
-        steps=500, batch_size=128, lr=1e-3))
+        steps=500, batch_size=128, lr=1e-3, position_scale=1.0))
     stage1: dict = field(default_factory=lambda: dict(
         captions_per_image=1, batch_size=32, learning_rate=1e-3, epochs=1))
     stage2: dict = field(default_factory=lambda: dict(
-        batch_size=32, learning_rate=5e-4, projector_lr=5e-4, epochs=1, warmup_ratio=0.03))
+        batch_size=8, learning_rate=5e-4, projector_lr=5e-4, epochs=1, warmup_ratio=0.03))
 
 
 def build(out, recipe: Recipe = None, variants=("full",), log=print) -> dict:
@@ -97,13 +98,12 @@ def build(out, recipe: Recipe = None, variants=("full",), log=print) -> dict:
         from ..datagen import read_coco
 
         records = list(read_coco(data / "coco" / "captions.json", data / "coco" / "instances.json"))
-        regions = [[(x + w // 2, y + h // 2, f"{o['attributes']['color']} {o['category']}")
-                    for o in record["objects"] for x, y, w, h in [o["bbox"]]] for record in records]
+        regions = [region_phrases(record, r.image_size) for record in records]
         train_clip([data / "images" / x["file_name"] for x in records], [x["captions"] for x in records],
                    load_tokenizer(out / "tokenizer"), path, image_size=r.image_size, seed=r.seed,
                    regions=regions, log=log, **r.clip)
 
-    step("clip", [r.seed, r.image_size, r.clip, "regions", "unit-rms"], clip)
+    step("clip", [r.seed, r.image_size, r.clip, "regions-at", "unit-rms"], clip)
 
     rng = random.Random(r.seed)
     by_image = {}
@@ -153,6 +153,21 @@ def build(out, recipe: Recipe = None, variants=("full",), log=print) -> dict:
     for k, v in results.items():
         (out / f"answers-{k}.json").write_text(json.dumps(v["answers"], indent=1))
     return summary
+
+
+def region_phrases(record: dict, image_size: int) -> list:
+    """A COCO record's objects as (x, y, phrase): the box's centre, and what
+    stands there and where ("red circle top left"). The place matters: with
+    colour and shape alone, the CLIP tokens of occupied patches forget where
+    they are (a probe finds their grid cell at chance), and LLaVA cannot
+    answer "where" questions or find "the shape at the top left"."""
+    out = []
+    for o in record["objects"]:
+        x, y, w, h = o["bbox"]
+        cx, cy = x + w // 2, y + h // 2
+        row, col = (min(2, 3 * c // image_size) for c in (cy, cx))
+        out.append((cx, cy, f"{o['attributes']['color']} {o['category']} {POSITIONS[row][col]}"))
+    return out
 
 
 def chat_text(sample: dict, conv_mode: str) -> str:
