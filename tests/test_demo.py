@@ -4,8 +4,6 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 import mlx_llava
 from mlx_llava.demo import HERE, Recipe, build, heldout_dir
 from mlx_llava.eval import evaluate, load_questions
@@ -72,14 +70,14 @@ def test_recipe_runs_end_to_end_at_toy_scale(tmp_path):
     assert not any(k in again["timings"] for k in ("language_model", "clip", "stage1", "stage2-full"))
 
 
-def test_region_phrases_name_what_and_where():
-    from mlx_llava.datagen import make_scenes
+def test_region_phrases_name_what_and_where(tmp_path):
+    from mlx_llava.datagen import make_scenes, read_coco, write_coco
     from mlx_llava.demo.recipe import region_phrases
 
     scenes = make_scenes(6, seed=3, image_size=72)
-    for scene in scenes:
-        record = {"objects": [{"category": o.shape, "bbox": o.bbox, "attributes": {"color": o.colour}}
-                              for o in scene.objects]}
-        phrases = region_phrases(record, 72)
+    write_coco(scenes, tmp_path)
+    records = list(read_coco(tmp_path / "captions.json", tmp_path / "instances.json"))
+    for scene, record in zip(scenes, records, strict=True):
+        phrases = region_phrases(record)
         assert [p for _, _, p in phrases] == [f"{o.colour} {o.shape} {o.position}" for o in scene.objects]
         assert [(x, y) for x, y, _ in phrases] == [o.center for o in scene.objects]

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..conversation import render
-from ..datagen.world import POSITIONS
+from ..datagen.world import scene_from_record
 
 # The ablation, as the paper's Table 4: what stage 2 is trained on.
 VARIANTS = {
@@ -98,7 +98,7 @@ def build(out, recipe: Recipe = None, variants=("full",), log=print) -> dict:
         from ..datagen import read_coco
 
         records = list(read_coco(data / "coco" / "captions.json", data / "coco" / "instances.json"))
-        regions = [region_phrases(record, r.image_size) for record in records]
+        regions = [region_phrases(record) for record in records]
         train_clip([data / "images" / x["file_name"] for x in records], [x["captions"] for x in records],
                    load_tokenizer(out / "tokenizer"), path, image_size=r.image_size, seed=r.seed,
                    regions=regions, log=log, **r.clip)
@@ -155,19 +155,13 @@ def build(out, recipe: Recipe = None, variants=("full",), log=print) -> dict:
     return summary
 
 
-def region_phrases(record: dict, image_size: int) -> list:
-    """A COCO record's objects as (x, y, phrase): the box's centre, and what
-    stands there and where ("red circle top left"). The place matters: with
-    colour and shape alone, the CLIP tokens of occupied patches forget where
-    they are (a probe finds their grid cell at chance), and LLaVA cannot
+def region_phrases(record: dict) -> list:
+    """A world COCO record's objects as (x, y, phrase): the box's centre, and
+    what stands there and where ("red circle top left"). The place matters:
+    with colour and shape alone, the CLIP tokens of occupied patches forget
+    where they are (a probe finds their grid cell at chance), and LLaVA cannot
     answer "where" questions or find "the shape at the top left"."""
-    out = []
-    for o in record["objects"]:
-        x, y, w, h = o["bbox"]
-        cx, cy = x + w // 2, y + h // 2
-        row, col = (min(2, 3 * c // image_size) for c in (cy, cx))
-        out.append((cx, cy, f"{o['attributes']['color']} {o['category']} {POSITIONS[row][col]}"))
-    return out
+    return [(*o.center, f"{o.name} {o.position}") for o in scene_from_record(record).objects]
 
 
 def chat_text(sample: dict, conv_mode: str) -> str:
