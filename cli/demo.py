@@ -34,6 +34,6 @@ def train_demo(
     summary = build(output, Recipe(seed=seed), variants=variants)
     print(table(summary["results"]))
     print("time:", ", ".join(f"{k} {v:.0f}s" for k, v in summary["timings"].items()),
-          f"(total {sum(summary['timings'].values()):.0f}s)")
+          f"(wall clock {summary['seconds']:.0f}s; the language model and the CLIP train side by side)")
     if install:
         print(f"installed {install_model(output, summary)}")

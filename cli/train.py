@@ -37,6 +37,7 @@ def train(
     warmup_ratio: Annotated[Optional[float], Opt("--warmup-ratio")] = None,
     max_length: Annotated[Optional[int], Opt("--max-length")] = None,
     grad_checkpoint: Annotated[Optional[bool], Opt("--grad-checkpoint/--no-grad-checkpoint")] = None,
+    group_by_length: Annotated[Optional[bool], Opt("--group-by-length/--no-group-by-length", help="Batch samples of like length together (LLaVA-1.5's --group_by_modality_length).")] = None,
     cache_features: Annotated[Optional[str], Opt("--cache-features", help="Folder for cached vision features.")] = None,
     save_every: Annotated[Optional[int], Opt("--save-every")] = None,
     keep: Annotated[Optional[int], Opt("--keep", help="Checkpoints to keep.")] = None,

@@ -81,3 +81,34 @@ def test_region_phrases_name_what_and_where(tmp_path):
         phrases = region_phrases(record)
         assert [p for _, _, p in phrases] == [f"{o.colour} {o.shape} {o.position}" for o in scene.objects]
         assert [(x, y) for x, y, _ in phrases] == [o.center for o in scene.objects]
+
+
+def test_tokenizer_makes_fixed_phrases_one_token_and_round_trips(tmp_path):
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    from mlx_llava.conversation import get_template, render
+    from mlx_llava.datagen.rules import SHORT_ANSWER
+    from mlx_llava.demo.tokenizer import train_tokenizer
+
+    system = get_template("vicuna_v1").system
+    texts = [render([{"role": "user", "content": f"What color is the {s}?\n{SHORT_ANSWER}"},
+                     {"role": "assistant", "content": c}], "vicuna_v1", add_generation_prompt=False)
+             for s in ("circle", "star", "square", "triangle") for c in ("red", "blue", "green")] * 20
+    words = load_tokenizer(train_tokenizer(texts, 600, tmp_path / "words"))
+    phrases = load_tokenizer(train_tokenizer(texts, 600, tmp_path / "phrases", phrases=(system, SHORT_ANSWER)))
+    pieces = phrases.convert_ids_to_tokens(phrases.encode(texts[0]))
+    assert "▁" + system.replace(" ", "▁") in pieces, pieces
+    assert SHORT_ANSWER.replace(" ", "▁") in pieces, pieces
+    others = [p for p in pieces if "single" not in p and "curious" not in p]
+    assert not any("▁" in p[1:] for p in others), others  # elsewhere merges stay within words
+    assert len(pieces) < len(words.encode(texts[0])) / 2
+    for text in (f"What color is the star?\n{SHORT_ANSWER}", "Where is the red cross?  Unseen wörds, 42!"):
+        ids = phrases.encode(text, add_special_tokens=False)
+        assert phrases.decode(ids) == text
+        detok = phrases.detokenizer  # mlx-lm's streaming detokenizer, as chat uses it
+        detok.reset()
+        for i in ids:
+            detok.add_token(i)
+        detok.finalize()
+        assert detok.text == text
+    assert phrases.convert_tokens_to_ids("<image>") == len(phrases._tokenizer) - 1

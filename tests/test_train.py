@@ -229,3 +229,40 @@ def test_two_processes_match_one(model_dir, dataset, tmp_path):
     b = mx.load(str(tmp_path / "two" / "adapters.safetensors"))
     for k in a:
         assert np.allclose(np.array(a[k]), np.array(b[k]), atol=1e-5), k
+
+
+def test_loss_on_target_positions_matches_full_logits(model_dir, dataset, monkeypatch):
+    """The loss computes logits only where there is a target; it must equal the
+    loss (and gradients) over full logits, masked."""
+    from mlx_llava.train import trainer
+    from mlx_llava.train.data import prepare
+
+    model, config = load_model(model_dir)
+    processor = mlx_llava.processor.Processor.from_dir(model_dir, config)
+    data = prepare(dataset / "stage2.jsonl", processor.tokenizer, processor.conv_mode,
+                   processor.image_token_index, processor.num_visual_tokens, str(dataset / "images"), 2048)
+    batch = trainer.make_batch(model, processor, data, [0, 1, 8])  # two image examples + the text-only one
+    grad = nn.value_and_grad(model, trainer.loss_fn)
+    (loss, n), g = grad(model, *batch)
+    monkeypatch.setattr(trainer, "PLAIN_HEAD", set())
+    (full_loss, full_n), full_g = grad(model, *batch)
+    assert n.item() == full_n.item() > 0
+    assert abs(loss.item() - full_loss.item()) < 1e-4 * abs(full_loss.item())
+    for (k, a), (_, b) in zip(tree_flatten(g), tree_flatten(full_g)):
+        assert np.allclose(np.array(a), np.array(b), atol=1e-5), k
+
+
+def test_group_by_length_batches_like_lengths_and_covers_the_epoch():
+    from mlx_llava.train.data import epoch_batches
+
+    lengths = list(np.random.default_rng(0).choice([20, 60, 120], 1000))
+    spread = lambda batches: np.mean([np.ptp([lengths[i] for m in b for i in m]) for b in batches])  # noqa: E731
+    plain = epoch_batches(lengths, 8, 1, seed=0, epoch=0)
+    grouped = epoch_batches(lengths, 8, 1, seed=0, epoch=0, group_by_length=True)
+    assert sorted(i for b in grouped for m in b for i in m) == sorted(i for b in plain for m in b for i in m)
+    assert len({i for b in grouped for m in b for i in m}) == 1000  # each sample once
+    assert spread(grouped) < 0.2 * spread(plain)
+    firsts = [lengths[b[0][0]] for b in grouped]
+    assert len(set(firsts[:20])) > 1  # the grouped batches are shuffled, not sorted
+    assert grouped == epoch_batches(lengths, 8, 1, seed=0, epoch=0, group_by_length=True)
+    assert grouped != epoch_batches(lengths, 8, 1, seed=0, epoch=1, group_by_length=True)

@@ -21,8 +21,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..conversation import render
+from ..conversation import get_template, render
+from ..datagen.rules import SHORT_ANSWER
 from ..datagen.world import scene_from_record
+from ..errors import LlavaError
 
 # The ablation, as the paper's Table 4: what stage 2 is trained on.
 VARIANTS = {
@@ -40,6 +42,7 @@ class Recipe:
     n_test: int = 300
     image_size: int = 72  # 3x3 patches of 24 px: one visual token per cell of the world's grid
     vocab_size: int = 1024
+    phrase_tokens: bool = True  # the system message and the short-answer instruction: one token each
     conv_mode: str = "vicuna_v1"
     language_model: dict = field(default_factory=lambda: dict(
         hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384,
@@ -50,15 +53,13 @@ class Recipe:
     stage1: dict = field(default_factory=lambda: dict(
         captions_per_image=1, batch_size=32, learning_rate=1e-3, epochs=1))
     stage2: dict = field(default_factory=lambda: dict(
-        batch_size=8, learning_rate=5e-4, projector_lr=5e-4, epochs=1, warmup_ratio=0.03))
+        batch_size=8, learning_rate=5e-4, projector_lr=5e-4, epochs=3, warmup_ratio=0.03, group_by_length=True))
 
 
 def build(out, recipe: Recipe = None, variants=("full",), log=print) -> dict:
     """Run the recipe into `out`; returns {variant: held-out results} and timings."""
     from ..datagen import build_dataset
     from ..train import TrainConfig, train
-    from .clip import train_clip
-    from .language import pretrain
     from .tokenizer import train_tokenizer
 
     recipe = recipe or Recipe()
@@ -66,44 +67,47 @@ def build(out, recipe: Recipe = None, variants=("full",), log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
     r = recipe
+    start = time.perf_counter()
 
-    def step(name, settings, run):
-        """Run `run()` unless `name` already holds a finished run with the same settings."""
+    def fresh(name, settings) -> bool:
+        """True (and `name` cleared) unless `name` holds a finished run with the same settings."""
         done = out / name / ".done.json"
         if done.exists() and json.loads(done.read_text()) == settings:
             log(f"[{name}] reusing {out / name}")
-            return
+            return False
         shutil.rmtree(out / name, ignore_errors=True)
-        tic = time.perf_counter()
         log(f"[{name}] ...")
-        run(out / name)
-        timings[name] = round(time.perf_counter() - tic, 1)
+        return True
+
+    def finished(name, settings, seconds):
+        timings[name] = round(seconds, 1)
         log(f"[{name}] done in {timings[name]:.0f}s")
-        done.write_text(json.dumps(settings))
+        (out / name / ".done.json").write_text(json.dumps(settings))
+
+    def step(name, settings, run):
+        if fresh(name, settings):
+            tic = time.perf_counter()
+            run(out / name)
+            finished(name, settings, time.perf_counter() - tic)
 
     data = out / "data"
     step("data", [r.seed, r.n_train, r.n_test, r.image_size],
          lambda p: build_dataset(p, r.n_train, r.n_test, r.seed, r.image_size))
     stage1 = json.loads((data / "stage1.json").read_text())
     instruct = json.loads((data / "instruct.json").read_text())
-    texts = [s["conversations"][1]["value"] for s in stage1] + [chat_text(s, r.conv_mode) for s in instruct]
+    texts = world_texts(out, r)
+    phrases = (get_template(r.conv_mode).system, SHORT_ANSWER) if r.phrase_tokens else ()
+    words = [r.seed, r.vocab_size, len(texts), r.phrase_tokens]
+    step("tokenizer", words, lambda p: train_tokenizer(texts, r.vocab_size, p, phrases))
 
-    step("tokenizer", [r.seed, r.vocab_size, len(texts)], lambda p: train_tokenizer(texts, r.vocab_size, p))
-    step("language_model", [r.seed, r.language_model],
-         lambda p: pretrain(texts, out / "tokenizer", p, seed=r.seed, log=log, **r.language_model))
-
-    def clip(path):
-        from mlx_lm.tokenizer_utils import load as load_tokenizer
-
-        from ..datagen import read_coco
-
-        records = list(read_coco(data / "coco" / "captions.json", data / "coco" / "instances.json"))
-        regions = [region_phrases(record) for record in records]
-        train_clip([data / "images" / x["file_name"] for x in records], [x["captions"] for x in records],
-                   load_tokenizer(out / "tokenizer"), path, image_size=r.image_size, seed=r.seed,
-                   regions=regions, log=log, **r.clip)
-
-    step("clip", [r.seed, r.image_size, r.clip, "regions-at", "unit-rms"], clip)
+    # The language model and the CLIP depend only on the data and the
+    # tokenizer: they train side by side, one process each.
+    (out / "recipe.json").write_text(json.dumps(asdict(r), indent=2))
+    todo = [(name, settings) for name, settings in (
+        ("language_model", [words, r.language_model]),
+        ("clip", [words, r.image_size, r.clip, "regions-at", "unit-rms"])) if fresh(name, settings)]
+    for (name, settings), seconds in zip(todo, side_by_side(out, [name for name, _ in todo], log is print)):
+        finished(name, settings, seconds)
 
     rng = random.Random(r.seed)
     by_image = {}
@@ -120,7 +124,8 @@ def build(out, recipe: Recipe = None, variants=("full",), log=print) -> dict:
                           projector_type="mlp2x_gelu", conv_mode=r.conv_mode, data=str(out / "stage1.json"),
                           output=str(path), **s1, **common))
 
-    step("stage1", [r.seed, r.stage1, r.clip, r.language_model], run_stage1)
+    upstream = [words, r.clip, r.language_model]
+    step("stage1", [upstream, r.stage1], run_stage1)
 
     results = {}
     from .. import load
@@ -139,7 +144,7 @@ def build(out, recipe: Recipe = None, variants=("full",), log=print) -> dict:
                 train(TrainConfig(stage=2, model=str(out / "stage1" / "model"), method="full",
                                   data=str(subset_file), output=str(path), **r.stage2, **common))
 
-            step(name, [r.seed, r.stage1, r.stage2, list(types), r.clip, r.language_model], run_stage2)
+            step(name, [upstream, r.stage1, r.stage2, list(types)], run_stage2)
             model_dir = out / name / "model"
         tic = time.perf_counter()
         model, processor = load(model_dir)
@@ -147,12 +152,75 @@ def build(out, recipe: Recipe = None, variants=("full",), log=print) -> dict:
         timings[f"eval-{variant}"] = round(time.perf_counter() - tic, 1)
         log(f"[eval {variant}] accuracy {100 * results[variant]['accuracy']:.1f}% "
             + " ".join(f"{k} {100 * v:.0f}%" for k, v in results[variant]["by_kind"].items()))
-    summary = {"recipe": asdict(r), "timings": timings,
+    summary = {"recipe": asdict(r), "timings": timings, "seconds": round(time.perf_counter() - start, 1),
                "results": {k: {kk: vv for kk, vv in v.items() if kk != "answers"} for k, v in results.items()}}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     for k, v in results.items():
         (out / f"answers-{k}.json").write_text(json.dumps(v["answers"], indent=1))
     return summary
+
+
+def world_texts(out: Path, r: Recipe) -> list:
+    """What the tokenizer and the language model learn from: the captions and
+    the conversations, their images left out."""
+    data = Path(out) / "data"
+    stage1 = json.loads((data / "stage1.json").read_text())
+    instruct = json.loads((data / "instruct.json").read_text())
+    return [s["conversations"][1]["value"] for s in stage1] + [chat_text(s, r.conv_mode) for s in instruct]
+
+
+def pretrain_language_model(out: Path, r: Recipe, log=print):
+    from .language import pretrain
+
+    pretrain(world_texts(out, r), out / "tokenizer", out / "language_model", seed=r.seed, log=log,
+             **r.language_model)
+
+
+def train_world_clip(out: Path, r: Recipe, log=print):
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    from ..datagen import read_coco
+    from .clip import train_clip
+
+    data = out / "data"
+    records = list(read_coco(data / "coco" / "captions.json", data / "coco" / "instances.json"))
+    regions = [region_phrases(record) for record in records]
+    train_clip([data / "images" / x["file_name"] for x in records], [x["captions"] for x in records],
+               load_tokenizer(out / "tokenizer"), out / "clip", image_size=r.image_size, seed=r.seed,
+               regions=regions, log=log, **r.clip)
+
+
+STEPS = {"language_model": pretrain_language_model, "clip": train_world_clip}
+
+
+def side_by_side(out: Path, names, verbose: bool) -> list:
+    """Run the recipe's steps `names` at once, one process each (`python -m
+    mlx_llava.demo.step`); returns each one's seconds. MLX's CPU backend runs
+    elementwise work (the exp of softmax, SiLU, the loss) on one core, so on
+    a 2-core machine two independent trainings take little longer than the
+    longer one."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // max(1, len(names))))}
+    tic = time.perf_counter()
+    procs = {name: subprocess.Popen([sys.executable, "-m", "mlx_llava.demo.step", str(out), name]
+                                    + ([] if verbose else ["--quiet"]), env=env) for name in names}
+    seconds = {}
+    try:
+        while len(seconds) < len(procs):
+            for name, proc in procs.items():
+                if name not in seconds and proc.poll() is not None:
+                    if proc.returncode:
+                        raise LlavaError(f"demo step {name} failed (exit code {proc.returncode})")
+                    seconds[name] = time.perf_counter() - tic
+            time.sleep(0.2)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    return [seconds[name] for name in names]
 
 
 def region_phrases(record: dict) -> list:

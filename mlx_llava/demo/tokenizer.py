@@ -14,14 +14,26 @@ BYTES = [f"<0x{i:02X}>" for i in range(256)]
 IMAGE_TOKEN = "<image>"
 
 
-def train_tokenizer(texts, vocab_size: int, path) -> Path:
-    """Train on `texts` and save a transformers tokenizer directory at `path`."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+def train_tokenizer(texts, vocab_size: int, path, phrases=()) -> Path:
+    """Train on `texts` and save a transformers tokenizer directory at `path`.
+
+    Merges stay within words, except inside `phrases`: fixed strings (the
+    chat template's system message, the short-answer instruction) that BPE
+    may merge into a single token, so that every conversation does not pay
+    for them token by token (they were 60% of a conversation's tokens).
+    """
+    import re
+
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    if phrases:
+        fixed = "|".join("▁?" + re.escape(p.replace(" ", "▁")) for p in sorted(phrases, key=len, reverse=True))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(f"{fixed}|▁?[^▁\\n]+|\\n"), behavior="isolated")
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
     tok.decoder = decoders.Sequence([
         decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
     ])

@@ -46,6 +46,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     max_length: int = 2048
+    group_by_length: bool = False  # LLaVA-1.5's --group_by_modality_length: batches of like length
     grad_checkpoint: bool = False
     cache_features: Optional[str] = None
     # bookkeeping

@@ -118,19 +118,32 @@ def prepare(path, tokenizer, conv_mode: str, image_token_index: int, num_visual_
     return out
 
 
-def epoch_batches(lengths, batch_size: int, micro_batches: int, seed: int, epoch: int) -> list:
+def epoch_batches(lengths, batch_size: int, micro_batches: int, seed: int, epoch: int,
+                  group_by_length: bool = False) -> list:
     """One epoch as global batches, each a list of `micro_batches` index lists.
 
-    Like LLaVA's length grouping: a random order, then inside each global
-    batch the samples sorted by length, so each micro-batch pads little while
-    every global batch stays a random draw. A short last batch is dropped.
+    A random order, then inside each global batch the samples sorted by
+    length, so each micro-batch pads little while every global batch stays a
+    random draw. With `group_by_length` (LLaVA-1.5's
+    `--group_by_modality_length`, transformers' LengthGroupedSampler), the
+    random order is cut into megabatches of 50 batches, each sorted by length
+    before it is cut into batches, and the batches are shuffled: samples of
+    like length train together and padding nearly vanishes. A short last
+    batch is dropped.
     """
-    order = np.random.default_rng([seed, epoch]).permutation(len(lengths))
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    if group_by_length:
+        mega = 50 * batch_size
+        order = np.concatenate([sorted(order[i:i + mega], key=lambda j: -lengths[j])
+                                for i in range(0, len(order), mega)])
     micro = batch_size // micro_batches
     out = []
     for start in range(0, len(order) - batch_size + 1, batch_size):
         chunk = sorted(order[start:start + batch_size], key=lambda i: -lengths[i])
         out.append([list(map(int, chunk[m * micro:(m + 1) * micro])) for m in range(micro_batches)])
+    if group_by_length:
+        out = [out[i] for i in rng.permutation(len(out))]
     return out
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from ..conversation import IGNORE_INDEX
@@ -100,7 +101,8 @@ def train(config: TrainConfig = None, on_step=None, **kwargs) -> dict:
         for step in range(start, total):
             epoch, index = divmod(step, per_epoch)
             if epoch != epoch_cached:
-                batches, epoch_cached = epoch_batches(lengths, cfg.batch_size, accum * world, cfg.seed, epoch), epoch
+                batches = epoch_batches(lengths, cfg.batch_size, accum * world, cfg.seed, epoch, cfg.group_by_length)
+                epoch_cached = epoch
             mx.random.seed(cfg.seed * 1_000_003 + step)  # dropout: a function of the step, so resumes match
             tic = time.perf_counter()
             grads, loss_sum, tokens = None, mx.array(0.0), mx.array(0)
@@ -219,11 +221,27 @@ def loss_fn(model, input_ids, labels, vision_features):
     """(sum of token cross-entropies over the targets, number of targets)."""
     visual = model.multi_modal_projector(vision_features) if vision_features is not None else None
     embeds = model.embed(input_ids, image_features=visual)
-    logits = model.language_model(input_ids, input_embeddings=embeds)[:, :-1].astype(mx.float32)
+    lm = model.language_model
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
-    ce = nn.losses.cross_entropy(logits, mx.where(mask, targets, 0)) * mask
-    return ce.sum(), mask.sum()
+    if getattr(lm, "model_type", None) not in PLAIN_HEAD:
+        logits = lm(input_ids, input_embeddings=embeds)[:, :-1].astype(mx.float32)
+        ce = nn.losses.cross_entropy(logits, mx.where(mask, targets, 0)) * mask
+        return ce.sum(), mask.sum()
+    # Logits only where there is a target: the vocabulary projection and its
+    # softmax are the costliest part of a small model's step, and most tokens
+    # (system prompt, questions, image) have none.
+    where = mx.array(np.flatnonzero(np.array(mask)))
+    hidden = lm.model(input_ids, input_embeddings=embeds)[:, :-1]
+    picked = hidden.reshape(-1, hidden.shape[-1])[where]
+    head = lm.lm_head if hasattr(lm, "lm_head") else lm.model.embed_tokens.as_linear
+    ce = nn.losses.cross_entropy(head(picked).astype(mx.float32), targets.reshape(-1)[where])
+    return ce.sum(), mx.array(where.size)
+
+
+# Language models whose logits are just the head applied to the last hidden
+# state (no soft-capping or scaling), so the head can skip untrained positions.
+PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3"}
 
 
 def make_optimizer(cfg: TrainConfig, total: int):
