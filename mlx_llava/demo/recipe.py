@@ -93,9 +93,8 @@ def build(out, recipe: Recipe = None, variants=("full",), log=print) -> dict:
     data = out / "data"
     step("data", [r.seed, r.n_train, r.n_test, r.image_size],
          lambda p: build_dataset(p, r.n_train, r.n_test, r.seed, r.image_size))
-    stage1 = json.loads((data / "stage1.json").read_text())
-    instruct = json.loads((data / "instruct.json").read_text())
-    texts = world_texts(out, r)
+    stage1, instruct = read_data(out)
+    texts = world_texts(stage1, instruct, r.conv_mode)
     phrases = (get_template(r.conv_mode).system, SHORT_ANSWER) if r.phrase_tokens else ()
     words = [r.seed, r.vocab_size, len(texts), r.phrase_tokens]
     step("tokenizer", words, lambda p: train_tokenizer(texts, r.vocab_size, p, phrases))
@@ -160,20 +159,23 @@ def build(out, recipe: Recipe = None, variants=("full",), log=print) -> dict:
     return summary
 
 
-def world_texts(out: Path, r: Recipe) -> list:
+def read_data(out: Path):
+    """The build's stage-1 captions and instruction samples."""
+    data = Path(out) / "data"
+    return json.loads((data / "stage1.json").read_text()), json.loads((data / "instruct.json").read_text())
+
+
+def world_texts(stage1, instruct, conv_mode: str) -> list:
     """What the tokenizer and the language model learn from: the captions and
     the conversations, their images left out."""
-    data = Path(out) / "data"
-    stage1 = json.loads((data / "stage1.json").read_text())
-    instruct = json.loads((data / "instruct.json").read_text())
-    return [s["conversations"][1]["value"] for s in stage1] + [chat_text(s, r.conv_mode) for s in instruct]
+    return [s["conversations"][1]["value"] for s in stage1] + [chat_text(s, conv_mode) for s in instruct]
 
 
 def pretrain_language_model(out: Path, r: Recipe, log=print):
     from .language import pretrain
 
-    pretrain(world_texts(out, r), out / "tokenizer", out / "language_model", seed=r.seed, log=log,
-             **r.language_model)
+    pretrain(world_texts(*read_data(out), r.conv_mode), out / "tokenizer", out / "language_model", seed=r.seed,
+             log=log, **r.language_model)
 
 
 def train_world_clip(out: Path, r: Recipe, log=print):
