@@ -229,6 +229,15 @@ def test_two_processes_match_one(model_dir, dataset, tmp_path):
     b = mx.load(str(tmp_path / "two" / "adapters.safetensors"))
     for k in a:
         assert np.allclose(np.array(a[k]), np.array(b[k]), atol=1e-5), k
+    # the step's counts are summed over the processes too: same loss, same target and read tokens
+    logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+            for run in ("one", "two")]
+    assert len(logs[0]) == len(logs[1]) == 3
+    for x, y in zip(*logs):
+        assert abs(x["loss"] - y["loss"]) < 1e-4 * abs(x["loss"])
+        assert x["trained_tokens"] == y["trained_tokens"] > 0
+        ratio = x["tokens_per_second"] / x["samples_per_second"]
+        assert abs(ratio - y["tokens_per_second"] / y["samples_per_second"]) < 0.01 * ratio  # tokens read per step
 
 
 def test_loss_on_target_positions_matches_full_logits(model_dir, dataset, monkeypatch):
