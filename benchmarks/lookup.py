@@ -29,7 +29,7 @@ from mlx_lm.models import llama
 SETTINGS = dict(lr=5e-4, heads=4, layers=4, hidden=128, batch=16, steps=4000, filler=0, theta=10000.0, seed=0)
 PAD, BOS, WHERE, COLOUR_OF, ASK, IMAGE = 0, 1, 22, 23, 24, 25
 COLOURS, SHAPES, PLACES, FILLER = 2, 8, 13, 26  # first id of each group: 6 colours, 5 shapes, 9 places
-VOCAB, FEATURES = 64, 24
+VOCAB, FEATURES = 64, 24  # a cell's features: colour 0-5, shape 6-10, occupied 11, place 14-22, empty 23
 
 
 class Lookup(nn.Module):
@@ -84,8 +84,11 @@ def loss(model, ids, cells, at, answer):
 def main(argv):
     s = dict(SETTINGS)
     for arg in argv:
-        key, value = arg.split("=")
-        s[key] = type(SETTINGS[key])(value)
+        key, _, value = arg.partition("=")
+        try:
+            s[key] = type(SETTINGS[key])(value)
+        except (KeyError, ValueError):
+            raise SystemExit(f"lookup.py: bad setting {arg!r}; key=value with a key of {', '.join(SETTINGS)}")
     rng = np.random.default_rng(s["seed"])
     mx.random.seed(s["seed"])
     model = Lookup(s)
