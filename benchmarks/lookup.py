@@ -10,7 +10,11 @@ question; the loss is on its one-token answer:
 - "where <colour> <shape> ?" -> the cell's place (finding a cell by content);
 - "colourof <place> ?" -> the colour there (finding a cell by place).
 
+With first=1 the question comes before the visual tokens (BOS, question,
+visual tokens, filler, "?"), so each visual token can attend to it.
+
     python benchmarks/lookup.py steps=4000            # key=value overrides the defaults below
+    python benchmarks/lookup.py steps=2000 first=1    # the question read before the image
 
 Prints held-out accuracy of each kind every 250 steps.
 """
@@ -26,7 +30,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx_lm.models import llama
 
-SETTINGS = dict(lr=5e-4, heads=4, layers=4, hidden=128, batch=16, steps=4000, filler=0, theta=10000.0, seed=0)
+SETTINGS = dict(lr=5e-4, heads=4, layers=4, hidden=128, batch=16, steps=4000, filler=0, theta=10000.0, seed=0, first=0)
 PAD, BOS, WHERE, COLOUR_OF, ASK, IMAGE = 0, 1, 22, 23, 24, 25
 COLOURS, SHAPES, PLACES, FILLER = 2, 8, 13, 26  # first id of each group: 6 colours, 5 shapes, 9 places
 VOCAB, FEATURES = 64, 24  # a cell's features: colour 0-5, shape 6-10, occupied 11, place 14-22, empty 23
@@ -43,11 +47,12 @@ class Lookup(nn.Module):
 
     def __call__(self, ids, cells):
         words = self.lm.model.embed_tokens(ids)
-        h = mx.concatenate([words[:, :1], self.projector(cells), words[:, 10:]], axis=1)
+        image = 4 if ids[0, 1].item() != IMAGE else 1  # where the 9 visual tokens start: after the question or BOS
+        h = mx.concatenate([words[:, :image], self.projector(cells), words[:, image + 9:]], axis=1)
         return self.lm(ids, input_embeddings=h)
 
 
-def batch(rng, n, filler):
+def batch(rng, n, filler, first=0):
     """n samples: (ids, one-hot cells, answer position, answer id)."""
     ids = np.full((n, 14 + filler), PAD, np.int32)
     cells = np.zeros((n, 9, FEATURES), np.float32)
@@ -73,6 +78,9 @@ def batch(rng, n, filler):
         else:
             ids[b, 10 + nf:14 + nf], answer[b] = [COLOUR_OF, PLACES + p, ASK, ASK], COLOURS + c
         at[b] = 13 + nf
+        if first:  # BOS, question without its "?", image, filler, "?"
+            question, fill = ids[b, 10 + nf:13 + nf].copy(), ids[b, 10:10 + nf].copy()
+            ids[b, 1:4], ids[b, 4:13], ids[b, 13:13 + nf] = question, IMAGE, fill
     return mx.array(ids), mx.array(cells), mx.array(at), mx.array(answer)
 
 
@@ -94,12 +102,12 @@ def main(argv):
     model = Lookup(s)
     opt = optim.AdamW(s["lr"], weight_decay=0.0)
     step = nn.value_and_grad(model, loss)
-    ids, cells, at, answer = batch(rng, 512, s["filler"])
+    ids, cells, at, answer = batch(rng, 512, s["filler"], s["first"])
     truth = np.array(answer)
     print(s, flush=True)
     tic = time.time()
     for i in range(1, s["steps"] + 1):
-        value, grads = step(model, *batch(rng, s["batch"], s["filler"]))
+        value, grads = step(model, *batch(rng, s["batch"], s["filler"], s["first"]))
         opt.update(model, grads)
         mx.eval(value, model.parameters(), opt.state)
         if i % 250 == 0:
