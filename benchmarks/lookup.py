@@ -32,6 +32,7 @@ from mlx_lm.models import llama
 
 SETTINGS = dict(lr=5e-4, heads=4, layers=4, hidden=128, batch=16, steps=4000, filler=0, theta=10000.0, seed=0, first=0)
 PAD, BOS, WHERE, COLOUR_OF, ASK, IMAGE = 0, 1, 22, 23, 24, 25
+QUESTION = 3  # a question's tokens before its "?": where <colour> <shape>, or colourof <place> ?
 COLOURS, SHAPES, PLACES, FILLER = 2, 8, 13, 26  # first id of each group: 6 colours, 5 shapes, 9 places
 VOCAB, FEATURES = 64, 24  # a cell's features: colour 0-5, shape 6-10, occupied 11, place 14-22, empty 23
 
@@ -44,17 +45,17 @@ class Lookup(nn.Module):
             intermediate_size=3 * s["hidden"], num_attention_heads=s["heads"], num_key_value_heads=s["heads"],
             rms_norm_eps=1e-5, vocab_size=VOCAB, rope_theta=s["theta"], tie_word_embeddings=True))
         self.projector = nn.Sequential(nn.Linear(FEATURES, s["hidden"]), nn.GELU(), nn.Linear(s["hidden"], s["hidden"]))
+        self.image_at = 1 + QUESTION if s["first"] else 1  # where the 9 visual tokens start: after the question or BOS
 
     def __call__(self, ids, cells):
         words = self.lm.model.embed_tokens(ids)
-        image = 4 if ids[0, 1].item() != IMAGE else 1  # where the 9 visual tokens start: after the question or BOS
-        h = mx.concatenate([words[:, :image], self.projector(cells), words[:, image + 9:]], axis=1)
+        h = mx.concatenate([words[:, :self.image_at], self.projector(cells), words[:, self.image_at + 9:]], axis=1)
         return self.lm(ids, input_embeddings=h)
 
 
 def batch(rng, n, filler, first=0):
     """n samples: (ids, one-hot cells, answer position, answer id)."""
-    ids = np.full((n, 14 + filler), PAD, np.int32)
+    ids = np.full((n, 2 + QUESTION + 9 + filler), PAD, np.int32)
     cells = np.zeros((n, 9, FEATURES), np.float32)
     at, answer = np.zeros(n, np.int32), np.zeros(n, np.int32)
     for b in range(n):
@@ -68,19 +69,16 @@ def batch(rng, n, filler, first=0):
         cells[b, :, 23] = 1  # empty
         for p, (c, s) in zip(places, objects):
             cells[b, p, [23, c, 6 + s, 11]] = [0, 1, 1, 1]
-        ids[b, 0], ids[b, 1:10] = BOS, IMAGE
-        nf = int(rng.integers(0, filler + 1))
-        ids[b, 10:10 + nf] = rng.integers(FILLER, VOCAB, nf)
+        fill = list(rng.integers(FILLER, VOCAB, int(rng.integers(0, filler + 1))))
         i = int(rng.integers(k))
         p, (c, s) = places[i], objects[i]
         if rng.random() < 0.5:
-            ids[b, 10 + nf:14 + nf], answer[b] = [WHERE, COLOURS + c, SHAPES + s, ASK], PLACES + p
+            question, answer[b] = [WHERE, COLOURS + c, SHAPES + s], PLACES + p
         else:
-            ids[b, 10 + nf:14 + nf], answer[b] = [COLOUR_OF, PLACES + p, ASK, ASK], COLOURS + c
-        at[b] = 13 + nf
-        if first:  # BOS, question without its "?", image, filler, "?"
-            question, fill = ids[b, 10 + nf:13 + nf].copy(), ids[b, 10:10 + nf].copy()
-            ids[b, 1:4], ids[b, 4:13], ids[b, 13:13 + nf] = question, IMAGE, fill
+            question, answer[b] = [COLOUR_OF, PLACES + p, ASK], COLOURS + c
+        image = [IMAGE] * 9
+        row = [BOS, *(question + image + fill if first else image + fill + question), ASK]
+        ids[b, :len(row)], at[b] = row, len(row) - 1
     return mx.array(ids), mx.array(cells), mx.array(at), mx.array(answer)
 
 
