@@ -15,6 +15,7 @@ visual tokens, filler, "?"), so each visual token can attend to it.
 
     python benchmarks/lookup.py steps=4000            # key=value overrides the defaults below
     python benchmarks/lookup.py steps=2000 first=1    # the question read before the image
+    python benchmarks/lookup.py steps=1000 muon=0.005  # Muon for the weight matrices (lr 0.005)
 
 Prints held-out accuracy of each kind every 250 steps.
 """
@@ -30,7 +31,8 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx_lm.models import llama
 
-SETTINGS = dict(lr=5e-4, heads=4, layers=4, hidden=128, batch=16, steps=4000, filler=0, theta=10000.0, seed=0, first=0)
+SETTINGS = dict(lr=5e-4, heads=4, layers=4, hidden=128, batch=16, steps=4000, filler=0, theta=10000.0, seed=0, first=0,
+                muon=0.0)
 PAD, BOS, WHERE, COLOUR_OF, ASK, IMAGE = 0, 1, 22, 23, 24, 25
 QUESTION = 3  # a question's tokens before its "?": where <colour> <shape>, or colourof <place> ?
 COLOURS, SHAPES, PLACES, FILLER = 2, 8, 13, 26  # first id of each group: 6 colours, 5 shapes, 9 places
@@ -99,6 +101,10 @@ def main(argv):
     mx.random.seed(s["seed"])
     model = Lookup(s)
     opt = optim.AdamW(s["lr"], weight_decay=0.0)
+    if s["muon"]:  # as `mlx-llava train --optimizer muon`: Muon for the weight matrices, AdamW for the rest
+        from mlx_llava.train.trainer import is_matrix
+
+        opt = optim.MultiOptimizer([optim.Muon(s["muon"], weight_decay=0.0), opt], [is_matrix])
     step = nn.value_and_grad(model, loss)
     ids, cells, at, answer = batch(rng, 512, s["filler"], s["first"])
     truth = np.array(answer)

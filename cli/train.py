@@ -34,6 +34,8 @@ def train(
     grad_accum: Annotated[Optional[int], Opt("--grad-accum", help="Micro-batches per step on each process.")] = None,
     epochs: Annotated[Optional[float], Opt("--epochs")] = None,
     iters: Annotated[Optional[int], Opt("--iters", help="Optimizer steps (overrides --epochs).")] = None,
+    optimizer: Annotated[Optional[str], Opt("--optimizer", help="adamw (LLaVA's), or muon: Muon for the weight matrices, AdamW for the rest.")] = None,
+    muon_lr: Annotated[Optional[float], Opt("--muon-lr", help="Muon's learning rate (with --optimizer muon).")] = None,
     warmup_ratio: Annotated[Optional[float], Opt("--warmup-ratio")] = None,
     max_length: Annotated[Optional[int], Opt("--max-length")] = None,
     grad_checkpoint: Annotated[Optional[bool], Opt("--grad-checkpoint/--no-grad-checkpoint")] = None,

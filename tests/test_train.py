@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx.optimizers as optim
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
@@ -110,6 +111,56 @@ def test_qlora_trains_on_a_quantized_base(model_dir, dataset, tmp_path):
     assert isinstance(q_proj.linear, nn.QuantizedLinear)
     losses = [json.loads(l)["loss"] for l in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_muon_updates_the_weight_matrices_and_adamw_the_rest(model_dir):
+    from mlx_llava.train.trainer import make_optimizer
+
+    model, _ = load_model(model_dir)
+    model.freeze()
+    model.language_model.unfreeze()
+    model.multi_modal_projector.unfreeze()
+    cfg = TrainConfig(stage=2, model=str(model_dir), data="x", output="y", method="full",
+                      optimizer="muon", muon_lr=3e-3, learning_rate=1e-4, projector_lr=1e-4)
+    optimizer = make_optimizer(cfg, total=10)
+    optimizer.init(model.trainable_parameters())
+    muon, adamw = optimizer.optimizers
+    assert isinstance(muon, optim.Muon) and isinstance(adamw, optim.AdamW)
+    by_muon = {k for k, _ in tree_flatten(muon.state) if k.endswith(".v")}
+    by_adamw = {k for k, _ in tree_flatten(adamw.state) if k.endswith(".m")}
+    assert "language_model.model.layers.0.self_attn.q_proj.weight.v" in by_muon
+    assert "language_model.model.layers.0.mlp.down_proj.weight.v" in by_muon
+    assert "multi_modal_projector.linear_1.weight.v" in by_muon
+    assert "language_model.model.embed_tokens.weight.m" in by_adamw
+    assert "language_model.model.norm.weight.m" in by_adamw
+    assert "multi_modal_projector.linear_1.bias.m" in by_adamw
+    assert not any("embed" in k or "norm" in k or k.endswith("bias.v") for k in by_muon)
+    assert not {k[:-2] for k in by_muon} & {k[:-2] for k in by_adamw}
+
+
+def test_muon_trains_and_resumes_like_an_uninterrupted_run(model_dir, dataset, tmp_path):
+    common = dict(method="full", optimizer="muon", muon_lr=2e-2, learning_rate=1e-3, projector_lr=1e-3,
+                  iters=6, save_every=2)
+    run(model_dir, dataset, tmp_path / "straight", **common)
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(losses)) and np.mean(losses[-2:]) < losses[0]
+
+    def crash(step, loss):
+        if step == 3:
+            raise Stop()
+
+    with pytest.raises(Stop):
+        run(model_dir, dataset, tmp_path / "resumed", on_step=crash, **common)
+    run(model_dir, dataset, tmp_path / "resumed", resume=True, **common)
+    a = params(load_model(tmp_path / "straight" / "model")[0])
+    b = params(load_model(tmp_path / "resumed" / "model")[0])
+    for k in a:
+        assert np.allclose(a[k], b[k], atol=1e-5), k
+
+
+def test_unknown_optimizer_is_one_line_error(model_dir, dataset, tmp_path):
+    with pytest.raises(LlavaError, match="unknown optimizer 'sgd'"):
+        run(model_dir, dataset, tmp_path, optimizer="sgd")
 
 
 class Stop(Exception):

@@ -53,7 +53,8 @@ class Recipe:
     stage1: dict = field(default_factory=lambda: dict(
         captions_per_image=1, batch_size=32, learning_rate=1e-3, epochs=1))
     stage2: dict = field(default_factory=lambda: dict(
-        batch_size=4, learning_rate=5e-4, projector_lr=5e-4, epochs=3, warmup_ratio=0.03, group_by_length=False))
+        batch_size=4, learning_rate=5e-4, projector_lr=5e-4, epochs=2, warmup_ratio=0.03, group_by_length=False,
+        optimizer="muon", muon_lr=5e-3))
 
 
 def build(out, recipe: Recipe = None, variants=("full",), log=print) -> dict:

@@ -14,6 +14,7 @@ from typing import Optional
 from ..errors import LlavaError
 
 METHODS = ("lora", "qlora", "full")
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass
@@ -44,6 +45,8 @@ class TrainConfig:
     iters: Optional[int] = None  # overrides epochs
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
+    optimizer: str = "adamw"  # adamw | muon: Muon for the weight matrices, AdamW for the rest
+    muon_lr: float = 0.02  # Muon's learning rate (its updates are orthogonalized, so its scale is its own)
     max_grad_norm: float = 1.0
     max_length: int = 2048
     group_by_length: bool = False  # LLaVA-1.5's --group_by_modality_length: batches of like length
@@ -71,6 +74,8 @@ class TrainConfig:
             self.method = self.method or "lora"
             if self.method not in METHODS:
                 raise LlavaError(f"unknown training method {self.method!r}; expected one of {METHODS}")
+        if self.optimizer not in OPTIMIZERS:
+            raise LlavaError(f"unknown optimizer {self.optimizer!r}; expected one of {OPTIMIZERS}")
         lora = self.method in ("lora", "qlora")
         if self.learning_rate is None:
             self.learning_rate = {1: 1e-3}.get(self.stage, 2e-4 if lora else 2e-5)
