@@ -113,6 +113,10 @@ def test_qlora_trains_on_a_quantized_base(model_dir, dataset, tmp_path):
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 
+class Stop(Exception):
+    pass
+
+
 def test_muon_updates_the_weight_matrices_and_adamw_the_rest(model_dir):
     from mlx_llava.train.trainer import make_optimizer
 
@@ -161,10 +165,6 @@ def test_muon_trains_and_resumes_like_an_uninterrupted_run(model_dir, dataset, t
 def test_unknown_optimizer_is_one_line_error(model_dir, dataset, tmp_path):
     with pytest.raises(LlavaError, match="unknown optimizer 'sgd'"):
         run(model_dir, dataset, tmp_path, optimizer="sgd")
-
-
-class Stop(Exception):
-    pass
 
 
 def test_kill_and_resume_matches_an_uninterrupted_run(model_dir, dataset, tmp_path):

@@ -245,9 +245,10 @@ def make_optimizer(cfg: TrainConfig, total: int):
     """AdamW, cosine with linear warmup (as transformers' Trainer schedules it);
     the projector in a group of its own when its learning rate differs. With
     `optimizer="muon"`, Muon updates the weight matrices (every 2-D weight but
-    the embeddings and the head, as its authors advise) at `muon_lr`: a small
-    language model learns to find a visual token by its content several times
-    sooner (README, "The demo model")."""
+    the embeddings and the head, as its authors advise; the projector's too,
+    so `projector_lr` then sets only its biases) at `muon_lr`: a small language
+    model learns to find a visual token by its content several times sooner
+    (README, "The demo model")."""
     warmup = math.ceil(cfg.warmup_ratio * total)
 
     def schedule(lr):
