@@ -28,7 +28,7 @@ from pathlib import Path
 
 from mlx_llava import load
 from mlx_llava.datagen import build_dataset, make_scenes
-from mlx_llava.datagen.rules import SHORT_ANSWER
+from mlx_llava.datagen.rules import SHORT_ANSWER, exact_match
 from mlx_llava.generate import Chat
 
 QUESTIONS = {
@@ -55,19 +55,23 @@ def swap_test(model, processor, data: Path) -> dict:
                 answers.append(chat.say(f"{ask(o)}\n{SHORT_ANSWER}", max_tokens=8).strip())
             c = counts[kind]
             c["scenes"] += 1
-            c["differ"] += answers[0] != answers[1]
-            c["both right"] += answers == [truth(a), truth(b)]
+            c["differ"] += not exact_match(*answers)
+            c["both right"] += exact_match(answers[0], truth(a)) and exact_match(answers[1], truth(b))
     return counts
 
 
 def main(argv):
     if len(argv) >= 2:
-        model_dir, data = argv[0], Path(argv[1])
-    else:
-        from mlx_llava.demo import HERE, Recipe
+        return report(argv[0], Path(argv[1]))
+    from mlx_llava.demo import HERE, Recipe
 
-        r, model_dir, data = Recipe(), HERE / "model", Path(tempfile.mkdtemp()) / "data"
-        build_dataset(data, 1, r.n_test, r.seed, r.image_size)
+    r = Recipe()
+    with tempfile.TemporaryDirectory() as tmp:  # the held-out scenes, rebuilt from the recipe's seed
+        build_dataset(Path(tmp), 1, r.n_test, r.seed, r.image_size)
+        report(HERE / "model", Path(tmp))
+
+
+def report(model_dir, data: Path):
     model, processor = load(model_dir)
     for kind, c in swap_test(model, processor, data).items():
         print(f"{kind:26s} scenes {c['scenes']:4d}  differ {c['differ']:4d}  both right {c['both right']:4d}")

@@ -118,14 +118,12 @@ class Stop(Exception):
 
 
 def test_muon_updates_the_weight_matrices_and_adamw_the_rest(model_dir):
-    from mlx_llava.train.trainer import make_optimizer
+    from mlx_llava.train.trainer import make_optimizer, setup_trainable
 
     model, _ = load_model(model_dir)
-    model.freeze()
-    model.language_model.unfreeze()
-    model.multi_modal_projector.unfreeze()
     cfg = TrainConfig(stage=2, model=str(model_dir), data="x", output="y", method="full",
                       optimizer="muon", muon_lr=3e-3, learning_rate=1e-4, projector_lr=1e-4)
+    setup_trainable(model, cfg)
     optimizer = make_optimizer(cfg, total=10)
     optimizer.init(model.trainable_parameters())
     muon, adamw = optimizer.optimizers
