@@ -29,6 +29,7 @@ from pathlib import Path
 from mlx_llava import load
 from mlx_llava.datagen import build_dataset, make_scenes
 from mlx_llava.datagen.rules import SHORT_ANSWER, exact_match
+from mlx_llava.errors import LlavaError
 from mlx_llava.generate import Chat
 
 QUESTIONS = {
@@ -39,6 +40,8 @@ QUESTIONS = {
 
 
 def swap_test(model, processor, data: Path) -> dict:
+    if not (data / "meta.json").is_file():
+        raise LlavaError(f"{data} has no meta.json: give a data folder that `mlx-llava datagen world` wrote")
     meta = json.loads((data / "meta.json").read_text())
     counts = {k: {"scenes": 0, "differ": 0, "both right": 0} for k in QUESTIONS}
     for scene in make_scenes(meta["n_test"], meta["seed"], "test", meta["image_size"]):
@@ -78,4 +81,7 @@ def report(model_dir, data: Path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except LlavaError as e:  # a wrong model or data folder: one line, no traceback
+        raise SystemExit(f"swap.py: {e}") from None
