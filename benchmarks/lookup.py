@@ -89,14 +89,20 @@ def loss(model, ids, cells, at, answer):
     return nn.losses.cross_entropy(logits, answer).mean()
 
 
-def main(argv):
-    s = dict(SETTINGS)
+def parse(argv, defaults: dict, script: str) -> dict:
+    """key=value arguments over `defaults`, each of its default's type; a bad one exits with one line."""
+    s = dict(defaults)
     for arg in argv:
         key, _, value = arg.partition("=")
         try:
-            s[key] = type(SETTINGS[key])(value)
+            s[key] = type(defaults[key])(value)
         except (KeyError, ValueError):
-            raise SystemExit(f"lookup.py: bad setting {arg!r}; key=value with a key of {', '.join(SETTINGS)}")
+            raise SystemExit(f"{script}: bad setting {arg!r}; key=value with a key of {', '.join(defaults)}")
+    return s
+
+
+def main(argv):
+    s = parse(argv, SETTINGS, "lookup.py")
     rng = np.random.default_rng(s["seed"])
     mx.random.seed(s["seed"])
     model = Lookup(s)
