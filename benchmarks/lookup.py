@@ -40,19 +40,40 @@ VOCAB, FEATURES = 64, 24  # a cell's features: colour 0-5, shape 6-10, occupied 
 
 
 class Lookup(nn.Module):
-    def __init__(self, s):
+    def __init__(self, s, features: int = FEATURES):
         super().__init__()
         self.lm = llama.Model(llama.ModelArgs(
             model_type="llama", hidden_size=s["hidden"], num_hidden_layers=s["layers"],
             intermediate_size=3 * s["hidden"], num_attention_heads=s["heads"], num_key_value_heads=s["heads"],
             rms_norm_eps=1e-5, vocab_size=VOCAB, rope_theta=s["theta"], tie_word_embeddings=True))
-        self.projector = nn.Sequential(nn.Linear(FEATURES, s["hidden"]), nn.GELU(), nn.Linear(s["hidden"], s["hidden"]))
+        self.projector = nn.Sequential(nn.Linear(features, s["hidden"]), nn.GELU(), nn.Linear(s["hidden"], s["hidden"]))
         self.image_at = 1 + QUESTION if s["first"] else 1  # where the 9 visual tokens start: after the question or BOS
 
     def __call__(self, ids, cells):
         words = self.lm.model.embed_tokens(ids)
         h = mx.concatenate([words[:, :self.image_at], self.projector(cells), words[:, self.image_at + 9:]], axis=1)
         return self.lm(ids, input_embeddings=h)
+
+
+def cell_symbols(objects) -> np.ndarray:
+    """(9, FEATURES) exact symbols of a 3x3 grid; `objects` as (place, colour, shape) indices."""
+    cells = np.zeros((9, FEATURES), np.float32)
+    cells[np.arange(9), 14 + np.arange(9)] = 1  # place
+    cells[:, 23] = 1  # empty
+    for p, c, s in objects:
+        cells[p, [23, c, 6 + s, 11]] = [0, 1, 1, 1]
+    return cells
+
+
+def make_optimizer(lr: float, muon: float):
+    """AdamW; with `muon`, Muon at that lr for the weight matrices and AdamW for the rest,
+    as `mlx-llava train --optimizer muon` groups them."""
+    opt = optim.AdamW(lr, weight_decay=0.0)
+    if muon:
+        from mlx_llava.train.trainer import is_matrix
+
+        opt = optim.MultiOptimizer([optim.Muon(muon, weight_decay=0.0), opt], [is_matrix])
+    return opt
 
 
 def batch(rng, n, filler, first=0):
@@ -67,10 +88,7 @@ def batch(rng, n, filler, first=0):
         while len(objects) < k:  # no two objects share colour and shape
             objects.add((int(rng.integers(6)), int(rng.integers(5))))
         objects = list(objects)
-        cells[b, np.arange(9), 14 + np.arange(9)] = 1  # place
-        cells[b, :, 23] = 1  # empty
-        for p, (c, s) in zip(places, objects):
-            cells[b, p, [23, c, 6 + s, 11]] = [0, 1, 1, 1]
+        cells[b] = cell_symbols([(p, c, s) for p, (c, s) in zip(places, objects)])
         fill = list(rng.integers(FILLER, VOCAB, int(rng.integers(0, filler + 1))))
         i = int(rng.integers(k))
         p, (c, s) = places[i], objects[i]
@@ -106,11 +124,7 @@ def main(argv):
     rng = np.random.default_rng(s["seed"])
     mx.random.seed(s["seed"])
     model = Lookup(s)
-    opt = optim.AdamW(s["lr"], weight_decay=0.0)
-    if s["muon"]:  # as `mlx-llava train --optimizer muon`: Muon for the weight matrices, AdamW for the rest
-        from mlx_llava.train.trainer import is_matrix
-
-        opt = optim.MultiOptimizer([optim.Muon(s["muon"], weight_decay=0.0), opt], [is_matrix])
+    opt = make_optimizer(s["lr"], s["muon"])
     step = nn.value_and_grad(model, loss)
     ids, cells, at, answer = batch(rng, 512, s["filler"], s["first"])
     truth = np.array(answer)

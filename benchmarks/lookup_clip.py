@@ -23,14 +23,13 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx.optimizers as optim
 import numpy as np
+from lookup import ASK, BOS, COLOURS, IMAGE, PLACES, SHAPES, WHERE, Lookup, cell_symbols, make_optimizer, parse
 
-from lookup import Lookup, parse  # the same model as the symbolic lab
+from mlx_llava.datagen import world
 
-SETTINGS = dict(build="", steps=1000, batch=16, layer=-2, empty="keep", symbols=0, seed=0)
-BOS, WHERE, ASK, IMAGE = 1, 22, 24, 25
-COLOURS, SHAPES, PLACES = 2, 8, 13  # first id of each group, as in lookup.py
+SETTINGS = dict(build="", steps=1000, batch=16, layer=-2, empty="keep", symbols=0, seed=0, lr=5e-4, muon=0.005)
+LAB = dict(hidden=128, layers=4, heads=4, theta=10000.0, first=0)  # the recipe's language model shape
 
 
 def features(model, processor, folder: Path, scenes, layer: int) -> np.ndarray:
@@ -43,30 +42,25 @@ def features(model, processor, folder: Path, scenes, layer: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def symbols(scenes) -> np.ndarray:
-    from mlx_llava.datagen.world import COLOURS as C, SHAPES as S
+def place(o) -> int:
+    return 3 * o.cell[0] + o.cell[1]
 
-    f = np.zeros((len(scenes), 9, 24), np.float32)
-    f[:, :, 23] = 1  # empty
-    f[:, np.arange(9), 14 + np.arange(9)] = 1  # place
-    for n, s in enumerate(scenes):
-        for o in s.objects:
-            f[n, 3 * o.cell[0] + o.cell[1], [23, list(C).index(o.colour), 6 + list(S).index(o.shape), 11]] = [0, 1, 1, 1]
-    return f
+
+def symbols(scenes) -> np.ndarray:
+    return np.stack([cell_symbols([(place(o), list(world.COLOURS).index(o.colour), world.SHAPES.index(o.shape))
+                                   for o in s.objects]) for s in scenes])
 
 
 def questions(scenes, cells) -> tuple:
     """Every object that is the only one of its colour and shape: (ids, cells, answers)."""
-    from mlx_llava.datagen.world import COLOURS as C, SHAPES as S
-
     rows, index, answers = [], [], []
     for n, s in enumerate(scenes):
         for o in s.objects:
             if sum(q.name == o.name for q in s.objects) == 1:
-                question = [WHERE, COLOURS + list(C).index(o.colour), SHAPES + list(S).index(o.shape)]
+                question = [WHERE, COLOURS + list(world.COLOURS).index(o.colour), SHAPES + world.SHAPES.index(o.shape)]
                 rows.append([BOS, *[IMAGE] * 9, *question, ASK])
                 index.append(n)
-                answers.append(PLACES + 3 * o.cell[0] + o.cell[1])
+                answers.append(PLACES + place(o))
     return np.array(rows, np.int32), cells[index], np.array(answers, np.int32)
 
 
@@ -78,11 +72,10 @@ def main(argv):
     if not (build / "stage1" / "model").is_dir():
         raise SystemExit(f"lookup_clip.py: {build} is not a demo build (no stage1/model); build=DIR")
     from mlx_llava import load
-    from mlx_llava.datagen.world import make_scenes, read_coco, scene_from_record
 
     coco = build / "data" / "coco"
-    train = [scene_from_record(r) for r in read_coco(coco / "captions.json", coco / "instances.json")]
-    test = make_scenes(300, 0, "test", train[0].image_size)
+    train = [world.scene_from_record(r) for r in world.read_coco(coco / "captions.json", coco / "instances.json")]
+    test = world.make_scenes(300, 0, "test", train[0].image_size)
     if s["symbols"]:
         cells = [symbols(train), symbols(test)]
     else:
@@ -91,19 +84,15 @@ def main(argv):
     if s["empty"] == "zero":
         for c, scenes in zip(cells, (train, test)):
             for n, scene in enumerate(scenes):
-                full = {3 * o.cell[0] + o.cell[1] for o in scene.objects}
+                full = {place(o) for o in scene.objects}
                 c[n, [i for i in range(9) if i not in full]] = 0
     train_q, test_q = questions(train, cells[0]), questions(test, cells[1])
     test_q = [mx.array(x) for x in test_q]
 
     rng = np.random.default_rng(s["seed"])
     mx.random.seed(s["seed"])
-    lab = dict(hidden=128, layers=4, heads=4, theta=10000.0, first=0)
-    model = Lookup(lab)
-    model.projector = nn.Sequential(nn.Linear(cells[0].shape[-1], 128), nn.GELU(), nn.Linear(128, 128))
-    from mlx_llava.train.trainer import is_matrix
-
-    opt = optim.MultiOptimizer([optim.Muon(0.005, weight_decay=0.0), optim.AdamW(5e-4, weight_decay=0.0)], [is_matrix])
+    model = Lookup(LAB, features=cells[0].shape[-1])
+    opt = make_optimizer(s["lr"], s["muon"])
 
     def loss(model, ids, x, answer):
         return nn.losses.cross_entropy(model(ids, x)[:, -1], answer).mean()
