@@ -40,12 +40,12 @@ VOCAB, FEATURES = 64, 24  # a cell's features: colour 0-5, shape 6-10, occupied 
 
 
 class Lookup(nn.Module):
-    def __init__(self, s, features: int = FEATURES):
+    def __init__(self, s, features: int = FEATURES, vocab: int = VOCAB):
         super().__init__()
         self.lm = llama.Model(llama.ModelArgs(
             model_type="llama", hidden_size=s["hidden"], num_hidden_layers=s["layers"],
             intermediate_size=3 * s["hidden"], num_attention_heads=s["heads"], num_key_value_heads=s["heads"],
-            rms_norm_eps=1e-5, vocab_size=VOCAB, rope_theta=s["theta"], tie_word_embeddings=True))
+            rms_norm_eps=1e-5, vocab_size=vocab, rope_theta=s["theta"], tie_word_embeddings=True))
         self.projector = nn.Sequential(nn.Linear(features, s["hidden"]), nn.GELU(), nn.Linear(s["hidden"], s["hidden"]))
         self.image_at = 1 + QUESTION if s["first"] else 1  # where the 9 visual tokens start: after the question or BOS
 
