@@ -30,11 +30,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from lookup import FEATURES, Lookup, make_optimizer, parse
-from lookup_clip import LAB, place, symbols
+from lookup_clip import LAB, asked, place, read_scenes, symbols
 
 from mlx_llava.conversation import IGNORE_INDEX, build_targets
-from mlx_llava.datagen import world
 from mlx_llava.datagen.rules import SHORT_ANSWER
+from mlx_llava.train.data import Example, pad
 
 SETTINGS = dict(build="", steps=1000, batch=16, seed=0, lr=5e-4, muon=0.005, chat=1, short=1, answer="words",
                 lm="", heads=4, layers=4, every=250)
@@ -55,7 +55,7 @@ def sample(tokenizer, s, o, rng) -> tuple:
         labels = [IGNORE_INDEX] * (10 + len(q)) + a
     k = next(i for i, x in enumerate(labels) if x != IGNORE_INDEX)  # the first answer token
     if s["answer"] == "first":
-        return ids[:k + 1], labels[:k] + [labels[k]]
+        return ids[:k + 1], labels[:k + 1]
     if s["answer"] == "one":
         one = len(tokenizer._tokenizer) - 9 + place(o)
         return ids[:k] + [one, tokenizer.eos_token_id], labels[:k] + [one, tokenizer.eos_token_id]
@@ -63,22 +63,15 @@ def sample(tokenizer, s, o, rng) -> tuple:
 
 
 def dataset(tokenizer, s, scenes, rng) -> list:
-    """Every object that is the only one of its colour and shape: (ids, labels, the scene's symbols)."""
-    rows = []
-    for scene, cells in zip(scenes, symbols(scenes)):
-        for o in scene.objects:
-            if sum(q.name == o.name for q in scene.objects) == 1:
-                rows.append((*sample(tokenizer, s, o, rng), cells))
-    return rows
+    """A question about each object `asked`: (example, the scene's symbols)."""
+    cells = symbols(scenes)
+    return [(Example(str(n), *sample(tokenizer, s, o, rng), None), cells[n]) for n, o in asked(scenes)]
 
 
 def batch(rows) -> tuple:
-    width = max(len(r[0]) for r in rows)
-    ids = np.zeros((len(rows), width), np.int32)
-    labels = np.full((len(rows), width), IGNORE_INDEX, np.int32)
-    for i, (x, y, _) in enumerate(rows):
-        ids[i, :len(x)], labels[i, :len(y)] = x, y
-    return mx.array(ids), mx.array(labels), mx.array(np.stack([r[2] for r in rows]))
+    """Right-padded as the trainer pads (`mlx_llava.train.data.pad`), with the symbols."""
+    ids, labels = pad([example for example, _ in rows])
+    return mx.array(ids), mx.array(labels), mx.array(np.stack([cells for _, cells in rows]))
 
 
 def loss(model, ids, labels, cells):
@@ -107,16 +100,14 @@ def main(argv):
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     tokenizer = load_tokenizer(build / "tokenizer")
-    coco = build / "data" / "coco"
-    train = [world.scene_from_record(r) for r in world.read_coco(coco / "captions.json", coco / "instances.json")]
-    test = world.make_scenes(300, 0, "test", train[0].image_size)
+    train, test = read_scenes(build)
     rng = random.Random(s["seed"])
     train_rows, test_rows = dataset(tokenizer, s, train, rng), dataset(tokenizer, s, test, rng)
 
     mx.random.seed(s["seed"])
     model = Lookup({**LAB, "heads": s["heads"], "layers": s["layers"]}, features=FEATURES,
                    vocab=len(tokenizer._tokenizer))
-    model.image_at = train_rows[0][0].index(IMAGE)  # the same in every sample: the prompt before it is fixed
+    model.image_at = train_rows[0][0].input_ids.index(IMAGE)  # the same in every sample: the prompt before it is fixed
     if s["lm"]:
         from mlx_lm.utils import load_model
 
@@ -125,7 +116,7 @@ def main(argv):
     step = nn.value_and_grad(model, loss)
     held_out = batch(test_rows)
     print(s, f"{len(train_rows)} training questions, {len(test_rows)} held-out; first:",
-          repr(tokenizer.decode([i for i in train_rows[0][0] if i != IMAGE])), flush=True)
+          repr(tokenizer.decode([i for i in train_rows[0][0].input_ids if i != IMAGE])), flush=True)
     draw = np.random.default_rng(s["seed"])
     tic = time.time()
     for i in range(1, s["steps"] + 1):

@@ -51,16 +51,29 @@ def symbols(scenes) -> np.ndarray:
                                    for o in s.objects]) for s in scenes])
 
 
-def questions(scenes, cells) -> tuple:
-    """Every object that is the only one of its colour and shape: (ids, cells, answers)."""
-    rows, index, answers = [], [], []
+def read_scenes(build: Path) -> tuple:
+    """A demo build's training scenes (from its COCO files) and the 300 held-out test scenes."""
+    coco = build / "data" / "coco"
+    train = [world.scene_from_record(r) for r in world.read_coco(coco / "captions.json", coco / "instances.json")]
+    return train, world.make_scenes(300, 0, "test", train[0].image_size)
+
+
+def asked(scenes):
+    """(scene index, object) for every object that is the only one of its colour and shape."""
     for n, s in enumerate(scenes):
         for o in s.objects:
             if sum(q.name == o.name for q in s.objects) == 1:
-                question = [WHERE, COLOURS + list(world.COLOURS).index(o.colour), SHAPES + world.SHAPES.index(o.shape)]
-                rows.append([BOS, *[IMAGE] * 9, *question, ASK])
-                index.append(n)
-                answers.append(PLACES + place(o))
+                yield n, o
+
+
+def questions(scenes, cells) -> tuple:
+    """"where <colour> <shape> ?" about each object `asked`: (ids, cells, answers)."""
+    rows, index, answers = [], [], []
+    for n, o in asked(scenes):
+        question = [WHERE, COLOURS + list(world.COLOURS).index(o.colour), SHAPES + world.SHAPES.index(o.shape)]
+        rows.append([BOS, *[IMAGE] * 9, *question, ASK])
+        index.append(n)
+        answers.append(PLACES + place(o))
     return np.array(rows, np.int32), cells[index], np.array(answers, np.int32)
 
 
@@ -73,9 +86,7 @@ def main(argv):
         raise SystemExit(f"lookup_clip.py: {build} is not a demo build (no stage1/model); build=DIR")
     from mlx_llava import load
 
-    coco = build / "data" / "coco"
-    train = [world.scene_from_record(r) for r in world.read_coco(coco / "captions.json", coco / "instances.json")]
-    test = world.make_scenes(300, 0, "test", train[0].image_size)
+    train, test = read_scenes(build)
     if s["symbols"]:
         cells = [symbols(train), symbols(test)]
     else:
