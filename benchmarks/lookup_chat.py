@@ -14,6 +14,8 @@ end-of-sequence token ("top left</s>"), and a pretrained language model.
     python benchmarks/lookup_chat.py build=demo-build answer=first       # train and score the first answer token only
     python benchmarks/lookup_chat.py build=demo-build answer=one         # each place as one token (ids borrowed)
     python benchmarks/lookup_chat.py build=demo-build lm=demo-build/language_model   # the recipe's pretrained LM
+    python benchmarks/lookup_chat.py build=demo-build lm=demo-build/language_model reset=self_attn
+        # ... with the weights whose names hold one of these (comma-separated) drawn afresh
 
 Prints held-out exact match (every answer token right, as greedy decoding
 would need) and first-token accuracy every 250 steps.
@@ -37,7 +39,7 @@ from mlx_llava.datagen.rules import SHORT_ANSWER
 from mlx_llava.train.data import Example, pad
 
 SETTINGS = dict(build="", steps=1000, batch=16, seed=0, lr=5e-4, muon=0.005, chat=1, short=1, answer="words",
-                lm="", heads=4, layers=4, every=250)
+                lm="", reset="", heads=4, layers=4, hidden=128, every=250)
 IMAGE = 0  # the visual tokens' placeholder id (<unk>); its embeddings are replaced by the projector's
 
 
@@ -105,13 +107,20 @@ def main(argv):
     train_rows, test_rows = dataset(tokenizer, s, train, rng), dataset(tokenizer, s, test, rng)
 
     mx.random.seed(s["seed"])
-    model = Lookup({**LAB, "heads": s["heads"], "layers": s["layers"]}, features=FEATURES,
+    model = Lookup({**LAB, "heads": s["heads"], "layers": s["layers"], "hidden": s["hidden"]}, features=FEATURES,
                    vocab=len(tokenizer._tokenizer))
     model.image_at = train_rows[0][0].input_ids.index(IMAGE)  # the same in every sample: the prompt before it is fixed
     if s["lm"]:
         from mlx_lm.utils import load_model
 
         model.lm = load_model(Path(s["lm"]))[0]
+        if s["reset"]:
+            from mlx.utils import tree_flatten
+            from mlx_lm.models import llama
+
+            fresh = tree_flatten(llama.Model(model.lm.args).parameters())
+            model.lm.load_weights([(k, v) for k, v in fresh if any(r in k for r in s["reset"].split(","))],
+                                  strict=False)
     opt = make_optimizer(s["lr"], s["muon"])
     step = nn.value_and_grad(model, loss)
     held_out = batch(test_rows)
