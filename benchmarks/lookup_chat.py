@@ -96,6 +96,8 @@ def main(argv):
     s = parse(argv, SETTINGS, "lookup_chat.py")
     if s["answer"] not in ("words", "first", "one"):
         raise SystemExit(f"lookup_chat.py: answer={s['answer']!r}; words, first or one")
+    if s["reset"] and not s["lm"]:
+        raise SystemExit("lookup_chat.py: reset= re-initialises part of a pretrained language model; give lm=DIR")
     build = Path(s["build"])
     if not (build / "tokenizer" / "tokenizer.json").is_file():
         raise SystemExit(f"lookup_chat.py: {build} is not a demo build (no tokenizer); build=DIR")
