@@ -65,6 +65,15 @@ def cell_symbols(objects) -> np.ndarray:
     return cells
 
 
+def redraw(lm, names: str = ""):
+    """Draw afresh the weights of the mlx-lm model `lm` whose names hold one of `names`
+    (comma-separated; "" for all), as mlx-lm initialises the same shape."""
+    from mlx.utils import tree_flatten
+
+    fresh = tree_flatten(type(lm)(lm.args).parameters())
+    lm.load_weights([(k, v) for k, v in fresh if any(n in k for n in names.split(","))], strict=False)
+
+
 def make_optimizer(lr: float, muon: float):
     """AdamW; with `muon`, Muon at that lr for the weight matrices and AdamW for the rest,
     as `mlx-llava train --optimizer muon` groups them."""

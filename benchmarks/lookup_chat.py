@@ -31,7 +31,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from lookup import FEATURES, Lookup, make_optimizer, parse
+from lookup import FEATURES, Lookup, make_optimizer, parse, redraw
 from lookup_clip import LAB, asked, place, read_scenes, symbols
 
 from mlx_llava.conversation import IGNORE_INDEX, build_targets
@@ -117,12 +117,7 @@ def main(argv):
 
         model.lm = load_model(Path(s["lm"]))[0]
         if s["reset"]:
-            from mlx.utils import tree_flatten
-            from mlx_lm.models import llama
-
-            fresh = tree_flatten(llama.Model(model.lm.args).parameters())
-            model.lm.load_weights([(k, v) for k, v in fresh if any(r in k for r in s["reset"].split(","))],
-                                  strict=False)
+            redraw(model.lm, s["reset"])
     opt = make_optimizer(s["lr"], s["muon"])
     step = nn.value_and_grad(model, loss)
     held_out = batch(test_rows)

@@ -36,14 +36,14 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from lookup import FEATURES, parse
+from lookup import FEATURES, parse, redraw
 from lookup_clip import place, read_scenes
 from lookup_clip import symbols as lab_symbols
 
 from mlx_llava import load
 from mlx_llava.datagen import build_dataset
-from mlx_llava.datagen.rules import SHORT_ANSWER, ref
-from mlx_llava.demo.recipe import Recipe
+from mlx_llava.datagen.rules import SHORT_ANSWER, _sample, ask_position
+from mlx_llava.demo.recipe import Recipe, stage1_captions
 from mlx_llava.eval import evaluate, load_questions
 from mlx_llava.train import TrainConfig, train
 
@@ -85,31 +85,25 @@ def use_oracle(build: Path, model_dir: Path):
 
 
 def where_samples(scenes, seed: int) -> list:
-    """One sample per scene: "where" about each of its objects, short answers, in random order."""
+    """One sample per scene: "where" about each of its objects (the teacher's question),
+    short answers, in random order."""
     rng = random.Random(seed)
     out = []
     for s in scenes:
         objects = list(s.objects)
         rng.shuffle(objects)
-        turns = []
-        for i, o in enumerate(objects):
-            r = ref(s, o, rng)
-            q = rng.choice([f"Where is {r}?", f"Where is {r} located?", f"Where is {r} in the image?"])
-            turns += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + f"{q}\n{SHORT_ANSWER}"},
-                      {"from": "gpt", "value": o.position}]
-        out.append({"id": Path(s.file_name).stem + "_where", "image": s.file_name, "type": "where",
-                    "conversations": turns})
+        turns = [(f"{qa.question}\n{SHORT_ANSWER}", qa.short) for qa in (ask_position(s, rng, o) for o in objects)]
+        out.append(_sample(s, "where", turns))
     return out
 
 
 def reinitialised(model_dir: Path, out: Path, only: str = "") -> Path:
     """A copy of a LLaVA model whose language model's weights (those with `only` in their
-    name) are drawn afresh, as mlx-lm initialises the same shape."""
+    name) are drawn afresh."""
     from mlx.utils import tree_flatten
 
     model, _ = load(model_dir)
-    fresh = dict(tree_flatten(type(model.language_model)(model.language_model.args).parameters()))
-    model.language_model.load_weights([(k, v) for k, v in fresh.items() if only in k], strict=False)
+    redraw(model.language_model, only)
     shutil.copytree(model_dir, out, dirs_exist_ok=True)
     for f in out.glob("*.safetensors"):
         f.unlink()
@@ -153,11 +147,9 @@ def main(argv):
         kinds = ("conversation", "detail", "reasoning")
         samples = [by_scene[image][kinds[i % 3]] for i, image in enumerate(sorted(by_scene))]
         random.Random(r.seed).shuffle(samples)
-        rng = random.Random(r.seed)
-        captions = {}
-        for x in json.loads((data / "stage1.json").read_text()):
-            captions.setdefault(x["image"], []).append(x)
-        (out / "stage1.json").write_text(json.dumps([rng.choice(g) for g in captions.values()]))
+        captions = stage1_captions(json.loads((data / "stage1.json").read_text()), r.stage1["captions_per_image"],
+                                   r.seed)
+        (out / "stage1.json").write_text(json.dumps(captions))
         stage1 = (out / "stage1.json", data)
     common = dict(image_folder=str(data / "images"), cache_features=str(cache), seed=r.seed, save_every=10**9,
                   progress=False)

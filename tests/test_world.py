@@ -560,3 +560,17 @@ def test_build_dataset(tmp_path):
     assert (
         len(list(read_coco(tmp_path / "coco" / "captions.json", tmp_path / "coco" / "instances.json"))) == 30
     )
+
+
+def test_ask_position_asks_about_the_object_given():
+    import random
+
+    from mlx_llava.datagen.rules import ask_position
+
+    for scene in make_scenes(40, seed=5, image_size=72):
+        for o in scene.objects:
+            qa = ask_position(scene, random.Random(0), o)
+            assert qa.short == o.position
+            assert o.shape in qa.question and qa.question.startswith("Where is the ")
+            if scene.count(shape=o.shape) > 1:
+                assert o.colour in qa.question  # names exactly one object

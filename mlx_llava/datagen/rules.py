@@ -115,8 +115,9 @@ def ask_count(scene: Scene, rng: random.Random) -> QA:
     return QA("count", q, str(n), f"There {verb} {number(n, noun)} in the image.")
 
 
-def ask_position(scene: Scene, rng: random.Random) -> QA:
-    o = rng.choice(scene.objects)
+def ask_position(scene: Scene, rng: random.Random, o: Object | None = None) -> QA:
+    """Where is `o` (by default one drawn at random)?"""
+    o = o if o is not None else rng.choice(scene.objects)
     r = ref(scene, o, rng)
     q = rng.choice([f"Where is {r}?", f"Where is {r} located?", f"Where is {r} in the image?"])
     return QA("position", q, o.position, f"{cap(r)} is {AT[o.position]} of the image.")

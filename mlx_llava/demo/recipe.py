@@ -109,11 +109,7 @@ def build(out, recipe: Recipe = None, variants=("full",), log=print) -> dict:
     for (name, settings), seconds in zip(todo, side_by_side(out, [name for name, _ in todo], log is print)):
         finished(name, settings, seconds)
 
-    rng = random.Random(r.seed)
-    by_image = {}
-    for s in stage1:
-        by_image.setdefault(s["image"], []).append(s)
-    captions = [x for group in by_image.values() for x in rng.sample(group, min(len(group), r.stage1["captions_per_image"]))]
+    captions = stage1_captions(stage1, r.stage1["captions_per_image"], r.seed)
     (out / "stage1.json").write_text(json.dumps(captions))
     common = dict(image_folder=str(data / "images"), cache_features=str(out / "features"), seed=r.seed,
                   save_every=10**9, progress=False)
@@ -164,6 +160,15 @@ def read_data(out: Path):
     """The build's stage-1 captions and instruction samples."""
     data = Path(out) / "data"
     return json.loads((data / "stage1.json").read_text()), json.loads((data / "instruct.json").read_text())
+
+
+def stage1_captions(stage1, per_image: int, seed: int) -> list:
+    """Stage 1's data: `per_image` of each image's caption instructions, drawn at random."""
+    rng = random.Random(seed)
+    by_image = {}
+    for s in stage1:
+        by_image.setdefault(s["image"], []).append(s)
+    return [x for group in by_image.values() for x in rng.sample(group, min(len(group), per_image))]
 
 
 def world_texts(stage1, instruct, conv_mode: str) -> list:
