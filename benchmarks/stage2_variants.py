@@ -133,8 +133,9 @@ def main(argv):
     samples = json.loads((build / "instruct-full.json").read_text())
     cache = build / "features"
     stage1 = None  # (captions file, data folder) when the variant reruns stage 1
+    where = where_samples(read_scenes(build)[0], r.seed + 1) if {"where", "curriculum"} & set(chosen) else []
     if "where" in chosen:
-        samples = samples + where_samples(read_scenes(build)[0], r.seed + 1)
+        samples = samples + where
         random.Random(r.seed + 2).shuffle(samples)
     if {"random-lm", "reset-attention"} & set(chosen):
         only = "self_attn" if "reset-attention" in chosen else ""
@@ -159,6 +160,16 @@ def main(argv):
     common = dict(image_folder=str(data / "images"), cache_features=str(cache), seed=r.seed, save_every=10**9,
                   progress=False)
     timings = {}
+
+    def stage2(model: Path, name: str, data_file: Path, **settings) -> Path:
+        """The recipe's stage 2 (with `settings` changed) from `model`, into out/name, unless done."""
+        if not (out / name / "model").exists():
+            tic = time.perf_counter()
+            train(TrainConfig(stage=2, model=str(model), method="full", data=str(data_file), output=str(out / name),
+                              **{**r.stage2, **settings}, **common))
+            timings[name] = round(time.perf_counter() - tic)
+        return out / name / "model"
+
     if stage1 is not None and s["stage1"]:
         start = Path(s["stage1"])
     elif stage1 is not None:
@@ -171,21 +182,11 @@ def main(argv):
                                                             if k != "captions_per_image"}, **common))
             timings["stage1"] = round(time.perf_counter() - tic)
     if "curriculum" in chosen:  # the "where" samples alone first, from the start model
-        (out / "where.json").write_text(json.dumps(where_samples(read_scenes(build)[0], r.seed + 1)))
-        if not (out / "where" / "model").exists():
-            tic = time.perf_counter()
-            train(TrainConfig(stage=2, model=str(start), method="full", data=str(out / "where.json"),
-                              output=str(out / "where"), **{**r.stage2, "epochs": s["where_epochs"],
-                                                            "batch_size": s["where_batch"]}, **common))
-            timings["where"] = round(time.perf_counter() - tic)
-        start = out / "where" / "model"
+        (out / "where.json").write_text(json.dumps(where))
+        start = stage2(start, "where", out / "where.json", epochs=s["where_epochs"], batch_size=s["where_batch"])
     (out / "instruct.json").write_text(json.dumps(samples))
-    if not (out / "stage2" / "model").exists():
-        tic = time.perf_counter()
-        train(TrainConfig(stage=2, model=str(start), method="full", data=str(out / "instruct.json"),
-                          output=str(out / "stage2"), **{**r.stage2, "epochs": s["epochs"]}, **common))
-        timings["stage2"] = round(time.perf_counter() - tic)
-    result = evaluate(*load(out / "stage2" / "model"), load_questions(data / "eval.json"), data / "images")
+    model = stage2(start, "stage2", out / "instruct.json", epochs=s["epochs"])
+    result = evaluate(*load(model), load_questions(data / "eval.json"), data / "images")
     summary = {"settings": s, "samples": len(samples), "seconds": timings, "accuracy": result["accuracy"],
                "by_kind": result["by_kind"]}
     (out / "result.json").write_text(json.dumps(summary, indent=2))
