@@ -1,9 +1,10 @@
 """Does the demo model's gap move with its features, its data or its language model?
 
 A diagnostic for the demo model's gap (README, "The demo model"). It reruns
-the real stage 2 of a demo build (the recipe's settings, `mlx_llava.train`),
-changed in one way, and scores the 300 held-out scenes as `mlx-llava demo
-train` does:
+the real stage 2 of a demo build as the recipe ran it before its short-answer
+pass (the instruction mixture alone, 2 epochs, the recipe's other settings,
+`mlx_llava.train`), changed in one way, and scores the 300 held-out scenes as
+`mlx-llava demo train` does:
 
     python benchmarks/stage2_variants.py build=demo-build out=DIR variant=oracle
         # exact one-hot symbols of each cell (colour, shape, size, place) in place

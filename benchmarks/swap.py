@@ -13,7 +13,7 @@ from the image alone (say, the place of whichever object it attends to) gives
 the same answer both times, and is right once in two by luck. Scenes where the
 two objects share the asked-for attribute are left out.
 
-    python benchmarks/swap.py demo-build/stage2-full/model demo-build/data
+    python benchmarks/swap.py demo-build/stage2-full+vqa/model demo-build/data
     python benchmarks/swap.py                   # the shipped model, its data rebuilt in a temp dir
 
 Prints, per question, the scenes counted, "differ" and "both right".

@@ -22,11 +22,13 @@ def world(
     test: Annotated[int, Opt("--test", help="Held-out test images.")] = 500,
     seed: Annotated[int, Opt("--seed")] = 0,
     image_size: Annotated[int, Opt("--image-size", help="Image side in pixels (>= 48).")] = 64,
+    vqa_per_scene: Annotated[int, Opt("--vqa-per-scene", help="Short-answer (VQA) samples per training image.")] = 5,
 ):
     """The synthetic shapes world, taught by rules: images, COCO files, stage-1/2 data, eval questions."""
     from mlx_llava.datagen import build_dataset
 
-    meta = build_dataset(output, n_train=train, n_test=test, seed=seed, image_size=image_size)
+    meta = build_dataset(output, n_train=train, n_test=test, seed=seed, image_size=image_size,
+                         vqa_per_scene=vqa_per_scene)
     counts = ", ".join(f"{k} {v}" for k, v in meta["counts"].items())
     print(f"wrote {output}: {train} train + {test} test images; samples: {counts}")
 

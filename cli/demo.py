@@ -17,17 +17,17 @@ app.add_typer(demo, name="demo")
 def train_demo(
     output: Annotated[str, Opt("--output", "-o", help="Working folder (reused by a rerun).")] = "demo-build",
     ablation: Annotated[bool, Opt("--ablation", help="Also train the paper's data ablation.")] = False,
-    variant: Annotated[Optional[List[str]], Opt("--variant", help="Stage-2 data: full, conversation, detail+reasoning, stage1.")] = None,
+    variant: Annotated[Optional[List[str]], Opt("--variant", help="Stage-2 data: full+vqa (the shipped model), full, conversation, detail+reasoning, stage1.")] = None,
     install: Annotated[bool, Opt("--install", help="Copy the result into the package as the default model.")] = False,
     seed: Annotated[int, Opt("--seed")] = 0,
 ):
     """World -> data -> tokenizer -> language model -> CLIP -> stage 1 -> stage 2 -> held-out eval."""
     from mlx_llava.demo import Recipe, build, install_model
-    from mlx_llava.demo.recipe import VARIANTS
+    from mlx_llava.demo.recipe import SHIPPED, VARIANTS
     from mlx_llava.errors import LlavaError
     from mlx_llava.eval import table
 
-    variants = tuple(variant or (VARIANTS if ablation else ["full"]))
+    variants = tuple(variant or (VARIANTS if ablation else [SHIPPED]))
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise LlavaError(f"unknown variant {unknown[0]!r}; expected one of {', '.join(VARIANTS)}")

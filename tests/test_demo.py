@@ -52,12 +52,26 @@ def test_recipe_runs_end_to_end_at_toy_scale(tmp_path):
     recipe.clip.update(steps=2, batch_size=8, hidden_size=32, intermediate_size=64)
     recipe.stage1.update(batch_size=16)
     recipe.stage2.update(batch_size=16, epochs=1)
-    summary = build(tmp_path, recipe, variants=("full", "conversation", "stage1"), log=lambda *a: None)
-    assert set(summary["results"]) == {"full", "conversation", "stage1"}
-    for variant in ("full", "conversation"):
+    recipe.vqa.update(per_scene=2)
+    summary = build(tmp_path, recipe, variants=("full+vqa", "conversation", "stage1"), log=lambda *a: None)
+    assert set(summary["results"]) == {"full+vqa", "conversation", "stage1"}
+    for variant in ("full", "full+vqa", "conversation"):
         assert (tmp_path / f"stage2-{variant}" / "model" / "config.json").exists()
     data = [json.loads(l) for l in (tmp_path / "stage2-conversation" / "log.jsonl").read_text().splitlines()]
     assert data, "stage 2 trained"
+    # The shipped variant: one pass over the short-answer data and a quarter of the mixture,
+    # from the full mixture's model.
+    vqa = json.loads((tmp_path / "stage2-full+vqa" / "train_config.json").read_text())
+    assert vqa["model"] == str(tmp_path / "stage2-full" / "model")
+    assert vqa["data"] == str(tmp_path / "vqa-full+vqa.json") and vqa["batch_size"] == 16
+    passed = json.loads((tmp_path / "vqa-full+vqa.json").read_text())
+    short = json.loads((tmp_path / "data" / "vqa.json").read_text())
+    assert len(short) == 48 * 2
+    assert sorted(s["id"] for s in passed if s["type"] == "vqa") == sorted(s["id"] for s in short)
+    mixed = [s for s in passed if s["type"] != "vqa"]
+    assert len(mixed) == 48 * 3 // 4 and {s["type"] for s in mixed} == {"conversation", "detail", "reasoning"}
+    steps = (tmp_path / "stage2-full+vqa" / "log.jsonl").read_text().splitlines()
+    assert len(steps) == len(passed) // 16
     conversation_only = json.loads((tmp_path / "instruct-conversation.json").read_text())
     assert conversation_only and {s["type"] for s in conversation_only} == {"conversation"}
     # The CLIP starts with position embeddings as loud as patch content (MLX's default is ~0.09).
@@ -66,8 +80,9 @@ def test_recipe_runs_end_to_end_at_toy_scale(tmp_path):
     position = load_weights(tmp_path / "clip")["vision_model.embeddings.position_embedding.weight"]
     assert 0.5 < position.std().item() < 2
     # A rerun reuses every finished step.
-    again = build(tmp_path, recipe, variants=("full",), log=lambda *a: None)
-    assert not any(k in again["timings"] for k in ("language_model", "clip", "stage1", "stage2-full"))
+    again = build(tmp_path, recipe, variants=("full+vqa",), log=lambda *a: None)
+    assert not any(k in again["timings"] for k in ("language_model", "clip", "stage1", "stage2-full",
+                                                    "stage2-full+vqa"))
 
 
 def test_region_phrases_name_what_and_where(tmp_path):

@@ -373,6 +373,33 @@ def test_instruct_samples_are_true_and_well_formed(scenes):
     assert short > len(scenes)
 
 
+def test_vqa_samples_are_true_and_fresh(scenes):
+    from collections import Counter
+
+    from mlx_llava.datagen.rules import KINDS, vqa_samples
+
+    samples = vqa_samples(scenes, seed=2, per_scene=3, turns=5)
+    assert samples == vqa_samples(scenes, seed=2, per_scene=3, turns=5)
+    assert len(samples) == 3 * len(scenes) and len({s["id"] for s in samples}) == len(samples)
+    by_file = {s.file_name: s for s in scenes}
+    kinds, per_image = Counter(), {}
+    for sample in samples:
+        assert sample["type"] == "vqa" and set(sample) == {"id", "image", "type", "conversations"}
+        turns = sample["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * 5
+        assert turns[0]["value"].startswith("<image>\n") and all("<image>" not in t["value"] for t in turns[1:])
+        scene = by_file[sample["image"]]
+        arr = pixels(scene)
+        for human, gpt in zip(turns[::2], turns[1::2]):
+            question = human["value"].removeprefix("<image>\n")
+            assert question.endswith("\n" + SHORT_ANSWER)
+            kinds[check_short(scene, arr, question, gpt["value"])] += 1
+        per_image.setdefault(sample["image"], []).append(turns)
+    # an image's samples are drawn afresh, not copies of one another
+    assert all(len({str(t) for t in group}) > 1 for group in per_image.values())
+    assert set(kinds) == set(KINDS)  # every held-out kind, and only those
+
+
 def test_exact_match():
     assert exact_match("Red.", "red")
     assert exact_match("three", "3") and exact_match("There are 3", "there are three")
@@ -551,10 +578,11 @@ def test_build_dataset(tmp_path):
     assert len(list(images.glob("*.png"))) == 40
     stage1 = json.loads((tmp_path / "stage1.json").read_text())
     instruct = json.loads((tmp_path / "instruct.json").read_text())
+    vqa = json.loads((tmp_path / "vqa.json").read_text())
     evaluation = json.loads((tmp_path / "eval.json").read_text())
-    assert len(stage1) == 30 * 5 and len(instruct) == 30 * 3
-    assert all((images / x["image"]).exists() for x in stage1 + instruct + evaluation)
-    assert all(x["image"].startswith("train_") for x in stage1 + instruct)
+    assert len(stage1) == 30 * 5 and len(instruct) == 30 * 3 and len(vqa) == 30 * 5 == meta["counts"]["vqa"]
+    assert all((images / x["image"]).exists() for x in stage1 + instruct + vqa + evaluation)
+    assert all(x["image"].startswith("train_") for x in stage1 + instruct + vqa)
     assert all(x["image"].startswith("test_") for x in evaluation)
     assert {x["kind"] for x in evaluation} <= {"colour", "shape", "count", "position", "relation"}
     assert (

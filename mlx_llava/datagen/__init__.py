@@ -2,7 +2,8 @@
 
 `world` draws scenes of coloured shapes and writes them as COCO files;
 `rules` plays the paper's text-only teacher on a scene's symbols, writing
-conversation / detail / reasoning samples and held-out questions;
+conversation / detail / reasoning samples, short-answer (VQA) samples and
+held-out questions;
 `stage1` makes stage-1 caption instructions and builds the dataset folder.
 """
 
@@ -15,6 +16,7 @@ from .rules import (
     instruct_samples,
     normalize_answer,
     reasoning,
+    vqa_samples,
 )
 from .stage1 import BRIEF_INSTRUCTIONS, DETAIL_INSTRUCTIONS, build_dataset, stage1_samples
 from .world import IMAGE_SIZE, Object, Scene, make_scenes, read_coco, render, scene_from_record, write_coco
@@ -33,6 +35,7 @@ __all__ = [
     "detail",
     "reasoning",
     "instruct_samples",
+    "vqa_samples",
     "eval_questions",
     "exact_match",
     "normalize_answer",

@@ -14,6 +14,7 @@ language model to follow one fixed prompt.
       coco/            captions.json, instances.json (train split, COCO layout)
       stage1.json      stage 1: one sample per (train image, caption)
       instruct.json    stage 2: conversation + detail + reasoning per train image
+      vqa.json         stage 2's short-answer (VQA) data: several samples per train image
       eval.json        held-out questions on the test split, with short answers
       meta.json        what was built and how
 """
@@ -101,6 +102,7 @@ def build_dataset(
     n_test: int = 500,
     seed: int = 0,
     image_size: int = IMAGE_SIZE,
+    vqa_per_scene: int = 5,
 ) -> dict:
     """Write the whole synthetic dataset folder (see the module docstring).
 
@@ -110,8 +112,8 @@ def build_dataset(
     """
     from . import rules  # rules reads this module's instruction lists
 
-    if n_train < 1 or n_test < 0:
-        raise LlavaError("build_dataset needs n_train >= 1 and n_test >= 0")
+    if n_train < 1 or n_test < 0 or vqa_per_scene < 0:
+        raise LlavaError("build_dataset needs n_train >= 1, n_test >= 0 and vqa_per_scene >= 0")
     out_dir = Path(out_dir)
     train = make_scenes(n_train, seed, "train", image_size)
     test = make_scenes(n_test, seed, "test", image_size)
@@ -121,6 +123,7 @@ def build_dataset(
 
     stage1 = stage1_samples([(s.file_name, c) for s in train for c in s.captions], seed)
     instruct = rules.instruct_samples(train, seed)
+    vqa = rules.vqa_samples(train, seed, vqa_per_scene)
     evaluation = [
         {"id": f"{Path(s.file_name).stem}_{k}", "image": s.file_name, **q}
         for s in test
@@ -128,6 +131,7 @@ def build_dataset(
     ]
     _write_json(out_dir / "stage1.json", stage1)
     _write_json(out_dir / "instruct.json", instruct)
+    _write_json(out_dir / "vqa.json", vqa)
     _write_json(out_dir / "eval.json", evaluation)
     meta = {
         "image_size": image_size,
@@ -138,8 +142,9 @@ def build_dataset(
         "coco": ["coco/captions.json", "coco/instances.json"],
         "stage1": "stage1.json",
         "instruct": "instruct.json",
+        "vqa": "vqa.json",
         "eval": "eval.json",
-        "counts": {"stage1": len(stage1), "instruct": len(instruct), "eval": len(evaluation)},
+        "counts": {"stage1": len(stage1), "instruct": len(instruct), "vqa": len(vqa), "eval": len(evaluation)},
         "short_answer_suffix": rules.SHORT_ANSWER,
     }
     _write_json(out_dir / "meta.json", meta)

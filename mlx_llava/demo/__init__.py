@@ -9,7 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .recipe import VARIANTS, Recipe, build
+from .recipe import SHIPPED, VARIANTS, Recipe, build
 
 HERE = Path(__file__).parent
 HELDOUT_SCENES = 40  # held-out images shipped with the package for a quick check
@@ -20,11 +20,11 @@ def heldout_dir() -> Path:
 
 
 def install_model(build_dir, summary: dict, package_dir=HERE) -> Path:
-    """Copy a build's full model, a held-out sample and the figures into the package."""
+    """Copy a build's shipped variant's model, a held-out sample and the figures into the package."""
     build_dir, package_dir = Path(build_dir), Path(package_dir)
     model = package_dir / "model"
     shutil.rmtree(model, ignore_errors=True)
-    shutil.copytree(build_dir / "stage2-full" / "model", model)
+    shutil.copytree(build_dir / f"stage2-{SHIPPED}" / "model", model)
     questions = json.loads((build_dir / "data" / "eval.json").read_text())
     images = sorted({q["image"] for q in questions})[:HELDOUT_SCENES]
     sample = [q for q in questions if q["image"] in images]

@@ -6,7 +6,8 @@
 3. a tokenizer, a small LLaMA pretrained on the world's text (our "Vicuna"),
    and a small CLIP trained contrastively on image-caption pairs and on
    object-phrase pairs from the boxes;
-4. LLaVA stage 1 (projector alignment) and stage 2 (instruction tuning),
+4. LLaVA stage 1 (projector alignment) and stage 2 (instruction tuning, then
+   a pass over short-answer VQA data, as LLaVA-1.5 adds VQAv2 and GQA),
    through `mlx_llava.train`, the same code as `mlx-llava train`;
 5. held-out exact-match accuracy, and the paper's data ablation.
 
@@ -26,8 +27,12 @@ from ..datagen.rules import SHORT_ANSWER
 from ..datagen.world import scene_from_record
 from ..errors import LlavaError
 
-# The ablation, as the paper's Table 4: what stage 2 is trained on.
+# The ablation, as the paper's Table 4: what stage 2 is trained on. "vqa":
+# after the instruction mixture, a pass over the short-answer data (vqa.json),
+# as the paper fine-tunes on ScienceQA after instruction tuning; the shipped model.
+SHIPPED = "full+vqa"
 VARIANTS = {
+    "full+vqa": ("conversation", "detail", "reasoning", "vqa"),
     "full": ("conversation", "detail", "reasoning"),
     "conversation": ("conversation",),
     "detail+reasoning": ("detail", "reasoning"),
@@ -53,11 +58,15 @@ class Recipe:
     stage1: dict = field(default_factory=lambda: dict(
         captions_per_image=1, batch_size=32, learning_rate=1e-3, epochs=1))
     stage2: dict = field(default_factory=lambda: dict(
-        batch_size=4, learning_rate=5e-4, projector_lr=5e-4, epochs=2, warmup_ratio=0.03, group_by_length=False,
+        batch_size=4, learning_rate=5e-4, projector_lr=5e-4, epochs=1, warmup_ratio=0.03, group_by_length=False,
         optimizer="muon", muon_lr=5e-3))
+    # The pass over the short-answer data, each of its samples once, in batches of 16,
+    # with a share of the mixture's samples among them, so that the model still
+    # describes and reasons in sentences when not asked for a word.
+    vqa: dict = field(default_factory=lambda: dict(per_scene=5, mixture_share=0.25, batch_size=16, epochs=1))
 
 
-def build(out, recipe: Recipe = None, variants=("full",), log=print) -> dict:
+def build(out, recipe: Recipe = None, variants=(SHIPPED,), log=print) -> dict:
     """Run the recipe into `out`; returns {variant: held-out results} and timings."""
     from ..datagen import build_dataset
     from ..train import TrainConfig, train
@@ -92,8 +101,8 @@ def build(out, recipe: Recipe = None, variants=("full",), log=print) -> dict:
             finished(name, settings, time.perf_counter() - tic)
 
     data = out / "data"
-    step("data", [r.seed, r.n_train, r.n_test, r.image_size],
-         lambda p: build_dataset(p, r.n_train, r.n_test, r.seed, r.image_size))
+    step("data", [r.seed, r.n_train, r.n_test, r.image_size, r.vqa["per_scene"]],
+         lambda p: build_dataset(p, r.n_train, r.n_test, r.seed, r.image_size, r.vqa["per_scene"]))
     stage1, instruct = read_data(out)
     texts = world_texts(stage1, instruct, r.conv_mode)
     phrases = (get_template(r.conv_mode).system, SHORT_ANSWER) if r.phrase_tokens else ()
@@ -128,20 +137,37 @@ def build(out, recipe: Recipe = None, variants=("full",), log=print) -> dict:
     from ..eval import evaluate, load_questions
 
     questions = load_questions(data / "eval.json")
-    for variant in variants:
+
+    def stage2(variant) -> Path:
+        """The variant's model folder, its stage 2 trained unless done."""
         types = VARIANTS[variant]
-        model_dir = out / "stage1" / "model"
-        if types is not None:
-            subset = [s for s in instruct if s["type"] in types]
-            (out / f"instruct-{variant}.json").write_text(json.dumps(subset))
-            name = f"stage2-{variant}"
+        if types is None:
+            return out / "stage1" / "model"
+        name, mixture = f"stage2-{variant}", [t for t in types if t != "vqa"]
+        if "vqa" in types:  # the mixture's model, then one pass over the short-answer data
+            start = stage2(next(k for k, v in VARIANTS.items() if v is not None and list(v) == mixture))
+            rng = random.Random(r.seed)
+            kept = [s for s in instruct if s["type"] in mixture]
+            kept = rng.sample(kept, round(r.vqa["mixture_share"] * len(kept)))
+            samples = json.loads((data / "vqa.json").read_text()) + kept
+            rng.shuffle(samples)
+            (out / f"vqa-{variant}.json").write_text(json.dumps(samples))
+            settings = {**r.stage2, **{k: v for k, v in r.vqa.items() if k not in ("per_scene", "mixture_share")}}
+            step(name, [upstream, r.stage1, r.stage2, mixture, r.vqa],
+                 lambda path: train(TrainConfig(stage=2, model=str(start), method="full",
+                                                data=str(out / f"vqa-{variant}.json"), output=str(path),
+                                                **settings, **common)))
+            return out / name / "model"
+        subset = [s for s in instruct if s["type"] in mixture]
+        (out / f"instruct-{variant}.json").write_text(json.dumps(subset))
+        step(name, [upstream, r.stage1, r.stage2, mixture],
+             lambda path: train(TrainConfig(stage=2, model=str(out / "stage1" / "model"), method="full",
+                                            data=str(out / f"instruct-{variant}.json"), output=str(path),
+                                            **r.stage2, **common)))
+        return out / name / "model"
 
-            def run_stage2(path, subset_file=out / f"instruct-{variant}.json"):
-                train(TrainConfig(stage=2, model=str(out / "stage1" / "model"), method="full",
-                                  data=str(subset_file), output=str(path), **r.stage2, **common))
-
-            step(name, [upstream, r.stage1, r.stage2, list(types)], run_stage2)
-            model_dir = out / name / "model"
+    for variant in variants:
+        model_dir = stage2(variant)
         tic = time.perf_counter()
         model, processor = load(model_dir)
         results[variant] = evaluate(model, processor, questions, data / "images")
