@@ -144,26 +144,26 @@ def build(out, recipe: Recipe = None, variants=(SHIPPED,), log=print) -> dict:
         if types is None:
             return out / "stage1" / "model"
         name, mixture = f"stage2-{variant}", [t for t in types if t != "vqa"]
+        samples = [s for s in instruct if s["type"] in mixture]
+        start, settings, key = out / "stage1" / "model", r.stage2, [upstream, r.stage1, r.stage2, mixture]
+        data_file = out / f"instruct-{variant}.json"
         if "vqa" in types:  # the mixture's model, then one pass over the short-answer data
             start = stage2(next(k for k, v in VARIANTS.items() if v is not None and list(v) == mixture))
-            rng = random.Random(r.seed)
-            kept = [s for s in instruct if s["type"] in mixture]
-            kept = rng.sample(kept, round(r.vqa["mixture_share"] * len(kept)))
-            samples = json.loads((data / "vqa.json").read_text()) + kept
-            rng.shuffle(samples)
-            (out / f"vqa-{variant}.json").write_text(json.dumps(samples))
             settings = {**r.stage2, **{k: v for k, v in r.vqa.items() if k not in ("per_scene", "mixture_share")}}
-            step(name, [upstream, r.stage1, r.stage2, mixture, r.vqa],
-                 lambda path: train(TrainConfig(stage=2, model=str(start), method="full",
-                                                data=str(out / f"vqa-{variant}.json"), output=str(path),
-                                                **settings, **common)))
-            return out / name / "model"
-        subset = [s for s in instruct if s["type"] in mixture]
-        (out / f"instruct-{variant}.json").write_text(json.dumps(subset))
-        step(name, [upstream, r.stage1, r.stage2, mixture],
-             lambda path: train(TrainConfig(stage=2, model=str(out / "stage1" / "model"), method="full",
-                                            data=str(out / f"instruct-{variant}.json"), output=str(path),
-                                            **r.stage2, **common)))
+            key, data_file = key + [r.vqa], out / f"vqa-{variant}.json"
+
+        def run(path):
+            chosen = samples
+            if "vqa" in types:
+                rng = random.Random(r.seed)
+                chosen = json.loads((data / "vqa.json").read_text())
+                chosen += rng.sample(samples, round(r.vqa["mixture_share"] * len(samples)))
+                rng.shuffle(chosen)
+            data_file.write_text(json.dumps(chosen))
+            train(TrainConfig(stage=2, model=str(start), method="full", data=str(data_file), output=str(path),
+                              **settings, **common))
+
+        step(name, key, run)
         return out / name / "model"
 
     for variant in variants:
