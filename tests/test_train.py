@@ -289,6 +289,35 @@ def test_two_processes_match_one(model_dir, dataset, tmp_path):
         assert abs(ratio - y["tokens_per_second"] / y["samples_per_second"]) < 0.01 * ratio  # tokens read per step
 
 
+def test_prepare_tokenizes_like_build_targets_alone(model_dir, dataset, tmp_path):
+    """prepare() remembers what it tokenized (a dataset repeats its questions);
+    every sample must still get exactly what build_targets gives it alone, and
+    a remembered encoding must not change when a caller extends its list."""
+    from mlx_llava.conversation import build_targets
+    from mlx_llava.train.data import MemoTokenizer, prepare
+
+    model, config = load_model(model_dir)
+    processor = mlx_llava.processor.Processor.from_dir(model_dir, config)
+    path = dataset / "stage2.jsonl"
+    twice = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] * 2
+    doubled = tmp_path / "doubled.json"
+    doubled.write_text(json.dumps(twice))
+    data = prepare(doubled, processor.tokenizer, processor.conv_mode, processor.image_token_index,
+                   processor.num_visual_tokens, str(dataset / "images"), 2048)
+    assert len(data.examples) == len(twice)
+    for record, example in zip(twice, data.examples):
+        turns = [dict(t) for t in record["conversations"]]
+        if example.image is None:
+            turns[0]["value"] = turns[0]["value"].replace("<image>", "").strip()
+        ids, labels = build_targets(processor.tokenizer, turns, processor.conv_mode,
+                                    processor.image_token_index, processor.num_visual_tokens if example.image else 1)
+        assert (example.input_ids, example.labels) == (ids, labels)
+    memo = MemoTokenizer(processor.tokenizer)
+    first = memo.encode("a red circle")
+    first += [7, 7]
+    assert memo.encode("a red circle") == list(processor.tokenizer.encode("a red circle"))
+
+
 def test_loss_on_target_positions_matches_full_logits(model_dir, dataset, monkeypatch):
     """The loss computes logits only where there is a target; it must equal the
     loss (and gradients) over full logits, masked."""
