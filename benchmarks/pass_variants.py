@@ -23,7 +23,6 @@ Runs are seeded; two at a time fit a 2-core machine (OPENBLAS_NUM_THREADS=1).
 import mlx_llava  # noqa: F401  (before mlx: the system BLAS on Linux)
 
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from pathlib import Path
 from lookup_clip import read_scenes
 
 from mlx_llava.datagen import rules
-from mlx_llava.demo.recipe import Recipe
+from mlx_llava.demo.recipe import Recipe, pass_samples
 from mlx_llava.eval import evaluate, load_questions
 from mlx_llava.train import TrainConfig, train
 
@@ -65,21 +64,12 @@ def hard_vqa(scenes, weights: str, per_scene: int, seed: int) -> list:
         q = f"Is {rules.ref(scene, a, rng)} {rel} {rules.ref(scene, b, rng)}?"
         return rules.QA("relation", q, "yes" if want else "no", "")
 
-    families = dict(rules.FAMILIES, position=position, relation=relation)
-    samples = []
-    for scene in scenes:
-        rng = random.Random(f"hard:{seed}:{scene.id}:{scene.seed}")
-        kinds = [k for k in rules.KINDS if k != "relation" or len(scene.objects) > 1]
-        for k in range(per_scene):
-            qas = [families[rng.choice(kinds)](scene, rng) for _ in range(6)]
-            s = rules._sample(scene, "vqa", [(f"{qa.question}\n{rules.SHORT_ANSWER}", qa.short) for qa in qas])
-            samples.append({**s, "id": f"{s['id']}-vqa{k}"})
-    return samples
+    return rules.vqa_samples(scenes, seed, per_scene, families=dict(position=position, relation=relation))
 
 
 def main(args: dict):
     recipe = Recipe()
-    settings = {**recipe.stage2, "batch_size": recipe.vqa["batch_size"], "epochs": recipe.vqa["epochs"]}
+    settings = recipe.pass_settings()
     for key, value in args.items():
         if key in settings:
             kind = type(settings[key])
@@ -89,14 +79,12 @@ def main(args: dict):
     opts = {**SETTINGS, **args}
     build, out = Path(opts["build"]), Path(opts["out"])
     out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(int(opts["seed"]))
     if opts["hard"]:
         short = hard_vqa(read_scenes(build)[0], opts["hard"], recipe.vqa["per_scene"], int(opts["seed"]))
     else:
         short = json.loads((build / "data" / "vqa.json").read_text())
     mixture = json.loads((build / "data" / "instruct.json").read_text())
-    samples = short + rng.sample(mixture, round(float(opts["share"]) * len(mixture)))
-    rng.shuffle(samples)
+    samples = pass_samples(short, mixture, float(opts["share"]), int(opts["seed"]))
     (out / "pass.json").write_text(json.dumps(samples))
     start = build / opts["start"] / "model"
     print(f"{len(samples)} samples from {start}, {settings}", flush=True)

@@ -65,6 +65,19 @@ class Recipe:
     # describes and reasons in sentences when not asked for a word.
     vqa: dict = field(default_factory=lambda: dict(per_scene=5, mixture_share=0.25, batch_size=16, epochs=1))
 
+    def pass_settings(self) -> dict:
+        """The short-answer pass's training settings: stage 2's, with the pass's batch and epochs."""
+        return {**self.stage2, **{k: v for k, v in self.vqa.items() if k not in ("per_scene", "mixture_share")}}
+
+
+def pass_samples(short: list, mixture: list, share: float, seed: int) -> list:
+    """The short-answer pass's data: every short-answer sample and a `share` of
+    the mixture's, drawn and shuffled with `seed`."""
+    rng = random.Random(seed)
+    chosen = short + rng.sample(mixture, round(share * len(mixture)))
+    rng.shuffle(chosen)
+    return chosen
+
 
 def build(out, recipe: Recipe = None, variants=(SHIPPED,), log=print) -> dict:
     """Run the recipe into `out`; returns {variant: held-out results} and timings."""
@@ -149,16 +162,14 @@ def build(out, recipe: Recipe = None, variants=(SHIPPED,), log=print) -> dict:
         data_file = out / f"instruct-{variant}.json"
         if "vqa" in types:  # the mixture's model, then one pass over the short-answer data
             start = stage2(next(k for k, v in VARIANTS.items() if v is not None and list(v) == mixture))
-            settings = {**r.stage2, **{k: v for k, v in r.vqa.items() if k not in ("per_scene", "mixture_share")}}
+            settings = r.pass_settings()
             key, data_file = key + [r.vqa], out / f"vqa-{variant}.json"
 
         def run(path):
             chosen = samples
             if "vqa" in types:
-                rng = random.Random(r.seed)
-                chosen = json.loads((data / "vqa.json").read_text())
-                chosen += rng.sample(samples, round(r.vqa["mixture_share"] * len(samples)))
-                rng.shuffle(chosen)
+                short = json.loads((data / "vqa.json").read_text())
+                chosen = pass_samples(short, samples, r.vqa["mixture_share"], r.seed)
             data_file.write_text(json.dumps(chosen))
             train(TrainConfig(stage=2, model=str(start), method="full", data=str(data_file), output=str(path),
                               **settings, **common))
