@@ -8,7 +8,10 @@ sample is BOS, 9 visual tokens (a projector over exact one-hot symbols of a
 question; the loss is on its one-token answer:
 
 - "where <colour> <shape> ?" -> the cell's place (finding a cell by content);
-- "colourof <place> ?" -> the colour there (finding a cell by place).
+- "colourof <place> ?" -> the colour there (finding a cell by place);
+- with relation=F, a share F of the questions are "is <colour> <shape> <rel>
+  <colour> <shape> ?" -> yes or no (two objects found by content, their
+  places compared: left of, right of, above, below; half of them true).
 
 With first=1 the question comes before the visual tokens (BOS, question,
 visual tokens, filler, "?"), so each visual token can attend to it.
@@ -16,6 +19,7 @@ visual tokens, filler, "?"), so each visual token can attend to it.
     python benchmarks/lookup.py steps=4000            # key=value overrides the defaults below
     python benchmarks/lookup.py steps=2000 first=1    # the question read before the image
     python benchmarks/lookup.py steps=1000 muon=0.005  # Muon for the weight matrices (lr 0.005)
+    python benchmarks/lookup.py steps=3000 muon=0.005 relation=0.5  # half the questions relations
 
 Prints held-out accuracy of each kind every 250 steps.
 """
@@ -32,10 +36,11 @@ import numpy as np
 from mlx_lm.models import llama
 
 SETTINGS = dict(lr=5e-4, heads=4, layers=4, hidden=128, batch=16, steps=4000, filler=0, theta=10000.0, seed=0, first=0,
-                muon=0.0)
+                muon=0.0, relation=0.0)
 PAD, BOS, WHERE, COLOUR_OF, ASK, IMAGE = 0, 1, 22, 23, 24, 25
 QUESTION = 3  # a question's tokens before its "?": where <colour> <shape>, or colourof <place> ?
 COLOURS, SHAPES, PLACES, FILLER = 2, 8, 13, 26  # first id of each group: 6 colours, 5 shapes, 9 places
+IS, YES, NO, RELATIONS = 26, 27, 28, 29  # relation=F's words, in the filler's ids (filler=0 with it)
 VOCAB, FEATURES = 64, 24  # a cell's features: colour 0-5, shape 6-10, occupied 11, place 14-22, empty 23
 
 
@@ -85,9 +90,25 @@ def make_optimizer(lr: float, muon: float):
     return opt
 
 
-def batch(rng, n, filler, first=0):
+def holds(a: int, relation: int, b: int) -> bool:
+    """Is place a left of (0), right of (1), above (2) or below (3) place b?"""
+    (ra, ca), (rb, cb) = divmod(a, 3), divmod(b, 3)
+    return (ca < cb, ca > cb, ra < rb, ra > rb)[relation]
+
+
+def ask_relation(rng, places) -> tuple[int, int, int, int]:
+    """(i, j, relation, answer): is object i `relation` object j? "yes" half the time."""
+    want = rng.random() < 0.5
+    while True:
+        i, j = rng.choice(len(places), 2, replace=False)
+        r = int(rng.integers(4))
+        if holds(places[i], r, places[j]) == want:
+            return i, j, r, YES if want else NO
+
+
+def batch(rng, n, filler, first=0, relation=0.0):
     """n samples: (ids, one-hot cells, answer position, answer id)."""
-    ids = np.full((n, 2 + QUESTION + 9 + filler), PAD, np.int32)
+    ids = np.full((n, 2 + (2 if relation else 1) * QUESTION + 9 + filler), PAD, np.int32)
     cells = np.zeros((n, 9, FEATURES), np.float32)
     at, answer = np.zeros(n, np.int32), np.zeros(n, np.int32)
     for b in range(n):
@@ -101,7 +122,11 @@ def batch(rng, n, filler, first=0):
         fill = list(rng.integers(FILLER, VOCAB, int(rng.integers(0, filler + 1))))
         i = int(rng.integers(k))
         p, (c, s) = places[i], objects[i]
-        if rng.random() < 0.5:
+        if relation and rng.random() < relation:
+            i, j, r, answer[b] = ask_relation(rng, places)
+            (ci, si), (cj, sj) = objects[i], objects[j]
+            question = [IS, COLOURS + ci, SHAPES + si, RELATIONS + r, COLOURS + cj, SHAPES + sj]
+        elif rng.random() < 0.5:
             question, answer[b] = [WHERE, COLOURS + c, SHAPES + s], PLACES + p
         else:
             question, answer[b] = [COLOUR_OF, PLACES + p, ASK], COLOURS + c
@@ -130,25 +155,30 @@ def parse(argv, defaults: dict, script: str) -> dict:
 
 def main(argv):
     s = parse(argv, SETTINGS, "lookup.py")
+    if s["relation"] and (s["first"] or s["filler"]):
+        raise SystemExit("lookup.py: relation=F goes with first=0 and filler=0 (one question length, its own words)")
     rng = np.random.default_rng(s["seed"])
     mx.random.seed(s["seed"])
     model = Lookup(s)
     opt = make_optimizer(s["lr"], s["muon"])
     step = nn.value_and_grad(model, loss)
-    ids, cells, at, answer = batch(rng, 512, s["filler"], s["first"])
+    ids, cells, at, answer = batch(rng, 512, s["filler"], s["first"], s["relation"])
     truth = np.array(answer)
     print(s, flush=True)
     tic = time.time()
     for i in range(1, s["steps"] + 1):
-        value, grads = step(model, *batch(rng, s["batch"], s["filler"], s["first"]))
+        value, grads = step(model, *batch(rng, s["batch"], s["filler"], s["first"], s["relation"]))
         opt.update(model, grads)
         mx.eval(value, model.parameters(), opt.state)
         if i % 250 == 0:
             guess = np.array(model(ids, cells)[mx.arange(512), at].argmax(-1))
-            where = (guess == truth)[truth >= PLACES].mean()
-            colour = (guess == truth)[truth < PLACES].mean()
+            right = guess == truth
+            colour = right[truth < PLACES].mean()
+            yes_no = np.isin(truth, (YES, NO))
+            relation = f"  relation (yes/no) {right[yes_no].mean():.2f}" if yes_no.any() else ""
+            where = right[(truth >= PLACES) & ~yes_no].mean()
             print(f"step {i}: loss {value.item():.3f}  by content (where) {where:.2f}  "
-                  f"by place (colour of) {colour:.2f}  ({time.time() - tic:.0f}s)", flush=True)
+                  f"by place (colour of) {colour:.2f}{relation}  ({time.time() - tic:.0f}s)", flush=True)
 
 
 if __name__ == "__main__":

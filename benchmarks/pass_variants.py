@@ -16,6 +16,9 @@ stage-2 settings, through `mlx_llava.train`; held-out exact match every
         # (weight 1 + 3) or their shape (+ 1) with another object: hard negatives
     python benchmarks/pass_variants.py build=BUILD out=DIR start=stage1 share=1
         # no mixture epoch first: one pass over all the mixture and the short answers
+    python benchmarks/pass_variants.py build=BUILD out=DIR kinds=1,1,1,1,3
+        # short-answer questions drawn afresh, the kinds weighted (colour, shape,
+        # count, position, relation; the recipe draws each as likely)
 
 Runs are seeded; two at a time fit a 2-core machine (OPENBLAS_NUM_THREADS=1).
 """
@@ -34,10 +37,11 @@ from mlx_llava.demo.recipe import Recipe, pass_samples
 from mlx_llava.eval import evaluate, load_questions
 from mlx_llava.train import TrainConfig, train
 
-SETTINGS = dict(build="demo-build", out="", start="stage2-full", share=0.25, hard="", every=540, seed=0, iters=0)
+SETTINGS = dict(build="demo-build", out="", start="stage2-full", share=0.25, hard="", kinds="", every=540, seed=0,
+                iters=0)
 
 
-def hard_vqa(scenes, weights: str, per_scene: int, seed: int) -> list:
+def hard_vqa(scenes, weights: str, per_scene: int, seed: int, kinds: dict = None) -> list:
     """rules.vqa_samples, but "where" and relation questions prefer objects that
     share a colour or a shape with another: the asked object can then be found
     only by both."""
@@ -64,7 +68,7 @@ def hard_vqa(scenes, weights: str, per_scene: int, seed: int) -> list:
         q = f"Is {rules.ref(scene, a, rng)} {rel} {rules.ref(scene, b, rng)}?"
         return rules.QA("relation", q, "yes" if want else "no", "")
 
-    return rules.vqa_samples(scenes, seed, per_scene, families=dict(position=position, relation=relation))
+    return rules.vqa_samples(scenes, seed, per_scene, families=dict(position=position, relation=relation), weights=kinds)
 
 
 def main(args: dict):
@@ -79,8 +83,11 @@ def main(args: dict):
     opts = {**SETTINGS, **args}
     build, out = Path(opts["build"]), Path(opts["out"])
     out.mkdir(parents=True, exist_ok=True)
+    kinds = dict(zip(rules.KINDS, map(float, opts["kinds"].split(",")))) if opts["kinds"] else None
     if opts["hard"]:
-        short = hard_vqa(read_scenes(build)[0], opts["hard"], recipe.vqa["per_scene"], int(opts["seed"]))
+        short = hard_vqa(read_scenes(build)[0], opts["hard"], recipe.vqa["per_scene"], int(opts["seed"]), kinds)
+    elif kinds:
+        short = rules.vqa_samples(read_scenes(build)[0], int(opts["seed"]), recipe.vqa["per_scene"], weights=kinds)
     else:
         short = json.loads((build / "data" / "vqa.json").read_text())
     mixture = json.loads((build / "data" / "instruct.json").read_text())

@@ -400,6 +400,25 @@ def test_vqa_samples_are_true_and_fresh(scenes):
     assert set(kinds) == set(KINDS)  # every held-out kind, and only those
 
 
+
+def test_vqa_kind_weights(scenes):
+    """`weights` draws the kinds in proportion; a kind of weight 0 is never asked."""
+    from collections import Counter
+
+    from mlx_llava.datagen.rules import vqa_samples
+
+    weights = dict(colour=0, shape=1, count=1, position=1, relation=6)
+    samples = vqa_samples(scenes, seed=3, per_scene=2, turns=6, weights=weights)
+    by_file = {s.file_name: s for s in scenes}
+    kinds = Counter()
+    for sample in samples:
+        scene, turns = by_file[sample["image"]], sample["conversations"]
+        arr = pixels(scene)
+        for human, gpt in zip(turns[::2], turns[1::2]):
+            kinds[check_short(scene, arr, human["value"].removeprefix("<image>\n"), gpt["value"])] += 1
+    assert kinds["colour"] == 0 and min(kinds[k] for k in ("shape", "count", "position")) > 0
+    assert kinds["relation"] > 3 * max(kinds[k] for k in ("shape", "count", "position"))
+
 def test_exact_match():
     assert exact_match("Red.", "red")
     assert exact_match("three", "3") and exact_match("There are 3", "there are three")

@@ -348,26 +348,30 @@ def instruct_samples(scenes: list[Scene], seed: int = 0, short_p: float = 0.7) -
 # ------------------------------------------------------------ evaluation
 
 
-def vqa(scene: Scene, rng: random.Random, turns: int = 6, families: dict = None) -> dict:
+def vqa(scene: Scene, rng: random.Random, turns: int = 6, families: dict = None, weights: dict = None) -> dict:
     """`turns` short-answer questions of the held-out kinds about one image, each
-    kind as likely: LLaVA-1.5's academic-task data (VQAv2, GQA), whose answers
-    are a word or a phrase, several questions packed per image. `families`
-    replaces some of FAMILIES' question makers (a diagnostic's variant)."""
+    kind as likely unless `weights` ({kind: weight}) says otherwise:
+    LLaVA-1.5's academic-task data (VQAv2, GQA), whose answers are a word or a
+    phrase, several questions packed per image. `families` replaces some of
+    FAMILIES' question makers (a diagnostic's variant)."""
     families = {**FAMILIES, **(families or {})}
     kinds = [k for k in KINDS if k != "relation" or len(scene.objects) > 1]
-    qas = [families[rng.choice(kinds)](scene, rng) for _ in range(turns)]
+    if weights:
+        qas = [families[k](scene, rng) for k in rng.choices(kinds, [weights[k] for k in kinds], k=turns)]
+    else:
+        qas = [families[rng.choice(kinds)](scene, rng) for _ in range(turns)]
     return _sample(scene, "vqa", [(f"{qa.question}\n{SHORT_ANSWER}", qa.short) for qa in qas])
 
 
 def vqa_samples(scenes: list[Scene], seed: int = 0, per_scene: int = 5, turns: int = 6,
-                families: dict = None) -> list[dict]:
+                families: dict = None, weights: dict = None) -> list[dict]:
     """`per_scene` VQA samples per scene, each with questions drawn afresh (so one
     pass over them never repeats a sample), shuffled."""
     samples = []
     for scene in scenes:
         rng = random.Random(f"vqa:{seed}:{scene.id}:{scene.seed}")
         for k in range(per_scene):
-            sample = vqa(scene, rng, turns, families)
+            sample = vqa(scene, rng, turns, families, weights)
             samples.append({**sample, "id": f"{sample['id']}-vqa{k}"})
     random.Random(seed).shuffle(samples)
     return samples
