@@ -35,6 +35,8 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx_lm.models import llama
 
+from mlx_llava.datagen.rules import RELATIONS as RELATIONS_OF_WORLD
+
 SETTINGS = dict(lr=5e-4, heads=4, layers=4, hidden=128, batch=16, steps=4000, filler=0, theta=10000.0, seed=0, first=0,
                 muon=0.0, relation=0.0)
 PAD, BOS, WHERE, COLOUR_OF, ASK, IMAGE = 0, 1, 22, 23, 24, 25
@@ -91,9 +93,10 @@ def make_optimizer(lr: float, muon: float):
 
 
 def holds(a: int, relation: int, b: int) -> bool:
-    """Is place a left of (0), right of (1), above (2) or below (3) place b?"""
-    (ra, ca), (rb, cb) = divmod(a, 3), divmod(b, 3)
-    return (ca < cb, ca > cb, ra < rb, ra > rb)[relation]
+    """Is place a `relation` place b? The world's relations (rules.RELATIONS, in its
+    order: left of, right of, above, below) on (row, column) cells."""
+    axis, sign = list(RELATIONS_OF_WORLD.values())[relation]
+    return sign * (divmod(a, 3)[axis] - divmod(b, 3)[axis]) > 0
 
 
 def ask_relation(rng, places) -> tuple[int, int, int, int]:

@@ -400,7 +400,6 @@ def test_vqa_samples_are_true_and_fresh(scenes):
     assert set(kinds) == set(KINDS)  # every held-out kind, and only those
 
 
-
 def test_vqa_kind_weights(scenes):
     """`weights` draws the kinds in proportion; a kind of weight 0 is never asked."""
     from collections import Counter
@@ -418,6 +417,7 @@ def test_vqa_kind_weights(scenes):
             kinds[check_short(scene, arr, human["value"].removeprefix("<image>\n"), gpt["value"])] += 1
     assert kinds["colour"] == 0 and min(kinds[k] for k in ("shape", "count", "position")) > 0
     assert kinds["relation"] > 3 * max(kinds[k] for k in ("shape", "count", "position"))
+
 
 def test_exact_match():
     assert exact_match("Red.", "red")

@@ -356,7 +356,7 @@ def vqa(scene: Scene, rng: random.Random, turns: int = 6, families: dict = None,
     FAMILIES' question makers (a diagnostic's variant)."""
     families = {**FAMILIES, **(families or {})}
     kinds = [k for k in KINDS if k != "relation" or len(scene.objects) > 1]
-    if weights:
+    if weights:  # a separate branch: the unweighted draws stay the recipe's, one rng.choice per turn
         qas = [families[k](scene, rng) for k in rng.choices(kinds, [weights[k] for k in kinds], k=turns)]
     else:
         qas = [families[rng.choice(kinds)](scene, rng) for _ in range(turns)]
