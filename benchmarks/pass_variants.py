@@ -18,7 +18,10 @@ stage-2 settings, through `mlx_llava.train`; held-out exact match every
         # no mixture epoch first: one pass over all the mixture and the short answers
     python benchmarks/pass_variants.py build=BUILD out=DIR kinds=1,1,1,1,3
         # short-answer questions drawn afresh, the kinds weighted (colour, shape,
-        # count, position, relation; the recipe draws each as likely)
+        # count, position, relation; the recipe's first pass draws each as likely)
+    python benchmarks/pass_variants.py build=BUILD out=DIR start=stage2-full+vqa kinds=1,1,1,1,1 seed=1
+        # a further pass from the first pass's model (start: any model folder under
+        # BUILD, ../ allowed), over questions drawn afresh; per_scene=N draws N samples a scene
 
 Runs are seeded; two at a time fit a 2-core machine (OPENBLAS_NUM_THREADS=1).
 """
@@ -38,7 +41,7 @@ from mlx_llava.eval import evaluate, load_questions
 from mlx_llava.train import TrainConfig, train
 
 SETTINGS = dict(build="demo-build", out="", start="stage2-full", share=0.25, hard="", kinds="", every=540, seed=0,
-                iters=0)
+                iters=0, per_scene=0)
 
 
 def hard_vqa(scenes, weights: str, per_scene: int, seed: int, kinds: dict = None) -> list:
@@ -84,10 +87,11 @@ def main(args: dict):
     build, out = Path(opts["build"]), Path(opts["out"])
     out.mkdir(parents=True, exist_ok=True)
     kinds = dict(zip(rules.KINDS, map(float, opts["kinds"].split(",")))) if opts["kinds"] else None
+    per_scene = int(opts["per_scene"]) or recipe.vqa["per_scene"]
     if opts["hard"]:
-        short = hard_vqa(read_scenes(build)[0], opts["hard"], recipe.vqa["per_scene"], int(opts["seed"]), kinds)
+        short = hard_vqa(read_scenes(build)[0], opts["hard"], per_scene, int(opts["seed"]), kinds)
     elif kinds:
-        short = rules.vqa_samples(read_scenes(build)[0], int(opts["seed"]), recipe.vqa["per_scene"], weights=kinds)
+        short = rules.vqa_samples(read_scenes(build)[0], int(opts["seed"]), per_scene, weights=kinds)
     else:
         short = json.loads((build / "data" / "vqa.json").read_text())
     mixture = json.loads((build / "data" / "instruct.json").read_text())

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import mlx_llava
-from mlx_llava.demo import HERE, Recipe, build, heldout_dir
+from mlx_llava.demo import HERE, Recipe, build, heldout_dir, install_model
 from mlx_llava.eval import evaluate, load_questions
 from mlx_llava.weights import default_model
 
@@ -72,6 +72,22 @@ def test_recipe_runs_end_to_end_at_toy_scale(tmp_path):
     assert len(mixed) == 48 * 3 // 4 and {s["type"] for s in mixed} == {"conversation", "detail", "reasoning"}
     steps = (tmp_path / "stage2-full+vqa" / "log.jsonl").read_text().splitlines()
     assert len(steps) == len(passed) // 16
+    # Then the further passes, each from the one before, over questions drawn afresh from the
+    # same scenes; the last leans toward relations and counts, in larger batches.
+    for k, before in ((2, "stage2-full+vqa"), (3, "stage2-full+vqa-2")):
+        config = json.loads((tmp_path / f"stage2-full+vqa-{k}" / "train_config.json").read_text())
+        assert config["model"] == str(tmp_path / before / "model")
+        assert config["batch_size"] == recipe.more_passes[k - 2]["batch_size"]
+        fresh = [s for s in json.loads((tmp_path / f"vqa-full+vqa-{k}.json").read_text()) if s["type"] == "vqa"]
+        assert len(fresh) == len(short) and fresh != short
+    asked = [t["value"] for s in fresh for t in s["conversations"][::2]]
+    relations, counts = sum(q.startswith(("Is the", "Which object")) for q in asked), sum("How many" in q for q in asked)
+    colours = sum("color" in q for q in asked)
+    assert relations > 2 * colours and counts > colours
+    # The package gets the last pass's model.
+    installed = install_model(tmp_path, summary, package_dir=tmp_path / "package")
+    assert (installed / "model.safetensors").read_bytes() == (
+        tmp_path / "stage2-full+vqa-3" / "model" / "model.safetensors").read_bytes()
     conversation_only = json.loads((tmp_path / "instruct-conversation.json").read_text())
     assert conversation_only and {s["type"] for s in conversation_only} == {"conversation"}
     # The CLIP starts with position embeddings as loud as patch content (MLX's default is ~0.09).

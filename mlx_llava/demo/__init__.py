@@ -9,7 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .recipe import SHIPPED, VARIANTS, Recipe, build
+from .recipe import SHIPPED, VARIANTS, Recipe, build, variant_dir
 
 HERE = Path(__file__).parent
 HELDOUT_SCENES = 40  # held-out images shipped with the package for a quick check
@@ -24,7 +24,7 @@ def install_model(build_dir, summary: dict, package_dir=HERE) -> Path:
     build_dir, package_dir = Path(build_dir), Path(package_dir)
     model = package_dir / "model"
     shutil.rmtree(model, ignore_errors=True)
-    shutil.copytree(build_dir / f"stage2-{SHIPPED}" / "model", model)
+    shutil.copytree(variant_dir(build_dir, SHIPPED, Recipe(**summary["recipe"])), model)
     questions = json.loads((build_dir / "data" / "eval.json").read_text())
     images = sorted({q["image"] for q in questions})[:HELDOUT_SCENES]
     sample = [q for q in questions if q["image"] in images]

@@ -7,7 +7,7 @@
    and a small CLIP trained contrastively on image-caption pairs and on
    object-phrase pairs from the boxes;
 4. LLaVA stage 1 (projector alignment) and stage 2 (instruction tuning, then
-   a pass over short-answer VQA data, as LLaVA-1.5 adds VQAv2 and GQA),
+   passes over short-answer VQA data, as LLaVA-1.5 adds VQAv2 and GQA),
    through `mlx_llava.train`, the same code as `mlx-llava train`;
 5. held-out exact-match accuracy, and the paper's data ablation.
 
@@ -23,13 +23,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..conversation import get_template, render
-from ..datagen.rules import SHORT_ANSWER
+from ..datagen.rules import SHORT_ANSWER, vqa_samples
 from ..datagen.world import scene_from_record
 from ..errors import LlavaError
 
 # The ablation, as the paper's Table 4: what stage 2 is trained on. "vqa":
-# after the instruction mixture, a pass over the short-answer data (vqa.json),
-# as the paper fine-tunes on ScienceQA after instruction tuning; the shipped model.
+# after the instruction mixture, passes over short-answer data (vqa.json, then
+# Recipe.more_passes), as the paper fine-tunes on ScienceQA after instruction
+# tuning; the shipped model.
 SHIPPED = "full+vqa"
 VARIANTS = {
     "full+vqa": ("conversation", "detail", "reasoning", "vqa"),
@@ -64,10 +65,27 @@ class Recipe:
     # with a share of the mixture's samples among them, so that the model still
     # describes and reasons in sentences when not asked for a word.
     vqa: dict = field(default_factory=lambda: dict(per_scene=5, mixture_share=0.25, batch_size=16, epochs=1))
+    # Then more passes, each from the one before, over as many questions drawn afresh
+    # from the same training scenes (with the same share of the mixture). The lookup
+    # by content is learned late, and relations only after it, with many of them in
+    # each step: so the batches grow, and the last pass leans toward counts and
+    # relations, the kinds learned last (README, "The demo model").
+    more_passes: list = field(default_factory=lambda: [
+        dict(kinds=dict(colour=1, shape=1, count=1, position=1, relation=1), batch_size=32),
+        dict(kinds=dict(colour=1, shape=1, count=2, position=1, relation=3), batch_size=64, epochs=2)])
 
     def pass_settings(self) -> dict:
         """The short-answer pass's training settings: stage 2's, with the pass's batch and epochs."""
         return {**self.stage2, **{k: v for k, v in self.vqa.items() if k not in ("per_scene", "mixture_share")}}
+
+
+def variant_dir(out, variant: str, recipe: Recipe) -> Path:
+    """Where a build keeps a variant's final model (the shipped one's: its last pass)."""
+    types, out = VARIANTS[variant], Path(out)
+    if types is None:
+        return out / "stage1" / "model"
+    passes = 1 + len(recipe.more_passes) if "vqa" in types else 1
+    return out / (f"stage2-{variant}-{passes}" if passes > 1 else f"stage2-{variant}") / "model"
 
 
 def pass_samples(short: list, mixture: list, share: float, seed: int) -> list:
@@ -175,7 +193,24 @@ def build(out, recipe: Recipe = None, variants=(SHIPPED,), log=print) -> dict:
                               **settings, **common))
 
         step(name, key, run)
-        return out / name / "model"
+        model = out / name / "model"
+        return more_passes(variant, model, key, samples) if "vqa" in types else model
+
+    def more_passes(variant, model: Path, key: list, mixture: list) -> Path:
+        """Recipe.more_passes, each from the model before it; returns the last one's model."""
+        for k, extra in enumerate(r.more_passes, start=2):
+            name, key, data_file = f"stage2-{variant}-{k}", key + [extra], out / f"vqa-{variant}-{k}.json"
+
+            def run(path, start=model, extra=extra, seed=r.seed + k - 1, data_file=data_file):
+                short = vqa_samples(train_scenes(out), seed, r.vqa["per_scene"], weights=extra["kinds"])
+                data_file.write_text(json.dumps(pass_samples(short, mixture, r.vqa["mixture_share"], seed)))
+                settings = {**r.pass_settings(), **{k: v for k, v in extra.items() if k != "kinds"}}
+                train(TrainConfig(stage=2, model=str(start), method="full", data=str(data_file), output=str(path),
+                                  **settings, **common))
+
+            step(name, key, run)
+            model = out / name / "model"
+        return model
 
     for variant in variants:
         model_dir = stage2(variant)
@@ -197,6 +232,14 @@ def read_data(out: Path):
     """The build's stage-1 captions and instruction samples."""
     data = Path(out) / "data"
     return json.loads((data / "stage1.json").read_text()), json.loads((data / "instruct.json").read_text())
+
+
+def train_scenes(out: Path) -> list:
+    """The build's training scenes, from its COCO files."""
+    from ..datagen import read_coco
+
+    coco = Path(out) / "data" / "coco"
+    return [scene_from_record(r) for r in read_coco(coco / "captions.json", coco / "instances.json")]
 
 
 def stage1_captions(stage1, per_image: int, seed: int) -> list:
