@@ -53,8 +53,9 @@ def symbols(scenes) -> np.ndarray:
 
 def read_scenes(build: Path) -> tuple:
     """A demo build's training scenes (from its COCO files) and the 300 held-out test scenes."""
-    coco = build / "data" / "coco"
-    train = [world.scene_from_record(r) for r in world.read_coco(coco / "captions.json", coco / "instances.json")]
+    from mlx_llava.demo.recipe import train_scenes
+
+    train = train_scenes(build)
     return train, world.make_scenes(300, 0, "test", train[0].image_size)
 
 

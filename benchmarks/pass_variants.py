@@ -33,10 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-from lookup_clip import read_scenes
-
 from mlx_llava.datagen import rules
-from mlx_llava.demo.recipe import Recipe, pass_samples
+from mlx_llava.demo.recipe import Recipe, pass_samples, train_scenes
 from mlx_llava.eval import evaluate, load_questions
 from mlx_llava.train import TrainConfig, train
 
@@ -89,9 +87,9 @@ def main(args: dict):
     kinds = dict(zip(rules.KINDS, map(float, opts["kinds"].split(",")))) if opts["kinds"] else None
     per_scene = int(opts["per_scene"]) or recipe.vqa["per_scene"]
     if opts["hard"]:
-        short = hard_vqa(read_scenes(build)[0], opts["hard"], per_scene, int(opts["seed"]), kinds)
+        short = hard_vqa(train_scenes(build), opts["hard"], per_scene, int(opts["seed"]), kinds)
     elif kinds:
-        short = rules.vqa_samples(read_scenes(build)[0], int(opts["seed"]), per_scene, weights=kinds)
+        short = rules.vqa_samples(train_scenes(build), int(opts["seed"]), per_scene, weights=kinds)
     else:
         short = json.loads((build / "data" / "vqa.json").read_text())
     mixture = json.loads((build / "data" / "instruct.json").read_text())

@@ -204,7 +204,7 @@ def build(out, recipe: Recipe = None, variants=(SHIPPED,), log=print) -> dict:
             def run(path, start=model, extra=extra, seed=r.seed + k - 1, data_file=data_file):
                 short = vqa_samples(train_scenes(out), seed, r.vqa["per_scene"], weights=extra["kinds"])
                 data_file.write_text(json.dumps(pass_samples(short, mixture, r.vqa["mixture_share"], seed)))
-                settings = {**r.pass_settings(), **{k: v for k, v in extra.items() if k != "kinds"}}
+                settings = {**r.pass_settings(), **{s: v for s, v in extra.items() if s != "kinds"}}
                 train(TrainConfig(stage=2, model=str(start), method="full", data=str(data_file), output=str(path),
                                   **settings, **common))
 
