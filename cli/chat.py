@@ -14,6 +14,7 @@ HELP = "Commands: /image PATH (new conversation about another image), /reset, /q
 def chat(
     image: Annotated[Optional[str], typer.Argument(help="Image file or http(s) URL to talk about.")] = None,
     model: options.Model = None,
+    quantize: options.Quantize = False,
     max_tokens: options.MaxTokens = 512,
     temperature: options.Temperature = 0.0,
     top_p: options.TopP = 1.0,
@@ -31,7 +32,9 @@ def chat(
     from mlx_llava import Chat, LlavaError
     from mlx_llava.generate import speed_line
 
-    llava, processor = options.load(model)
+    llava, processor = options.load(model, quantize)
+    if verbose:
+        options.describe(processor, conv_mode)
     session = Chat(llava, processor, image, system=system, conv_mode=conv_mode)
     sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                     repetition_penalty=repetition_penalty)

@@ -5,7 +5,7 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-from . import app
+from . import app, options
 
 Opt = typer.Option
 
@@ -26,18 +26,9 @@ def convert(
     force: Annotated[bool, Opt("--force", help="Replace an existing output folder.")] = False,
 ):
     """Convert a LLaVA checkpoint into an MLX model directory."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from mlx_llava.convert import convert as run
 
-    with Progress(TextColumn("converting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.description}"), console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("", total=None)
-
-        def on_tensor(name, done, total):
-            bar.update(task, completed=done, total=total, description=name)
-
+    with options.conversion_progress() as on_tensor:
         summary = run(
             hf, mlx_path, dtype=dtype, quantize=quantize, q_bits=q_bits, q_group_size=q_group_size,
             quantize_vision=quantize_vision, vision_tower=vision_tower, model_base=model_base,

@@ -11,6 +11,7 @@ def generate(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The question.")],
     image: options.ImagePath = None,
     model: options.Model = None,
+    quantize: options.Quantize = False,
     max_tokens: options.MaxTokens = 256,
     temperature: options.Temperature = 0.0,
     top_p: options.TopP = 1.0,
@@ -23,7 +24,9 @@ def generate(
     """Answer one question about an image (or none)."""
     from mlx_llava.generate import speed_line, stream_generate
 
-    llava, processor = options.load(model)
+    llava, processor = options.load(model, quantize)
+    if verbose:
+        options.describe(processor, conv_mode)
     last = None
     for last in stream_generate(
         llava, processor, prompt, image,

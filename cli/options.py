@@ -1,5 +1,6 @@
 """Flags shared by several commands, declared once."""
 
+from contextlib import contextmanager
 from typing import Optional
 
 import typer
@@ -25,9 +26,52 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Print tokens/s a
 ImagePath = Annotated[Optional[str], typer.Option("--image", "-i", help="Image file or http(s) URL.")]
 
 
-def load(model):
-    """Load a model for a command: the shipped demo model when none is named."""
+Quantize = Annotated[bool, typer.Option("-q", "--quantize", help="Use a 4-bit copy (made once, kept in the cache).")]
+
+
+def load(model, quantize: bool = False):
+    """Load a model for a command: the shipped demo model when none is named;
+    a PyTorch checkpoint is converted on first use (see mlx_llava.convert.cache)."""
     import mlx_llava
     from mlx_llava.weights import default_model
 
-    return mlx_llava.load(model if model is not None else default_model())
+    if model is None:
+        return mlx_llava.load(default_model())
+    from mlx_llava.convert.cache import prepared
+
+    with conversion_progress() as on_tensor:
+        path = prepared(model, quantize=quantize, say=lambda line: typer.echo(line, err=True), on_tensor=on_tensor)
+    return mlx_llava.load(path)
+
+
+@contextmanager
+def conversion_progress():
+    """A progress bar on stderr, fed by `convert`'s on_tensor(name, done, total).
+    It appears with the first tensor and leaves nothing behind (not even an
+    empty line before an error)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("converting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.description}"), console=Console(stderr=True), transient=True)
+    task = bar.add_task("", total=None)
+
+    def on_tensor(name, done, total):
+        if not bar.live.is_started:
+            bar.start()
+        bar.update(task, completed=done, total=total, description=name)
+
+    try:
+        yield on_tensor
+    finally:
+        if bar.live.is_started:
+            bar.stop()
+
+
+def describe(processor, conv_mode=None):
+    """What --verbose says about the model before it answers."""
+    import typer
+
+    image = processor.image_config
+    typer.echo(f"template: {conv_mode or processor.conv_mode}; images: {image.image_aspect_ratio} to "
+               f"{image.crop_size[1]}x{image.crop_size[0]}, {processor.num_visual_tokens} visual tokens each", err=True)

@@ -116,13 +116,14 @@ def convert(
         source.config["conv_mode"] = conv_mode
     tokenizer = files.load_tokenizer(source.tokenizer, source.extra_tokens)
     config = _with_tokens(source, tokenizer)
+    config = _choose_template(source, config, tokenizer)
     quantization = writer.Quantization(q_bits, q_group_size, quantize_vision) if quantize else None
     target = DTYPES[dtype] if dtype else None if source.kind == "mlx-vlm" else mx.float16
     items, config = _plan(source, config, target, quantization)
 
     with _staging(out) as tmp:
         written = writer.write(tmp, items, int(max_shard_gb * 10**9), on_tensor)
-        tokenizer.save_pretrained(str(tmp))
+        files.save_tokenizer(tokenizer, tmp, source.tokenizer)
         files.write_json(tmp / "preprocessor_config.json",
                          files.preprocessor_config(source.preprocessor, config["image_aspect_ratio"]))
         summary = Summary(out, str(hf_path), source.kind, written.params, written.bits_per_weight, 0, 0.0,
@@ -144,6 +145,19 @@ def _check_conv_mode(conv_mode: str):
 
     if conv_mode != CHAT_TEMPLATE:
         get_template(conv_mode)
+
+
+def _choose_template(source: formats.Source, config: dict, tokenizer) -> dict:
+    """Template and image handling by `processor.settings`, the rule `load` uses too."""
+    from mlx_llava.processor import has_chat_template, settings
+
+    original = source.name if source.kind in ("original", "lora", "stage-1") else None
+    chosen = settings(config, source.preprocessor, has_chat_template(tokenizer), original)
+    if chosen["conv_mode"] == "llava_v0" and "conv_mode" not in config:
+        source.notes.append(f"the original answers a model named {source.name!r} (no 'v1' in it) in its "
+                            "llava_v0 template; if it is a v1 model, choose another with --conv-mode")
+    source.notes.append(f"template {chosen['conv_mode']} ({chosen['why']}); images: {chosen['image_aspect_ratio']}")
+    return {**config, "conv_mode": chosen["conv_mode"], "image_aspect_ratio": chosen["image_aspect_ratio"]}
 
 
 def _with_tokens(source: formats.Source, tokenizer) -> dict:

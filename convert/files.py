@@ -19,18 +19,30 @@ IMAGE_TOKEN = "<image>"
 
 
 def load_tokenizer(folder: Path, extra_tokens: list):
-    """The source tokenizer with `extra_tokens` then `<image>` registered."""
+    """The source tokenizer with `extra_tokens` then `<image>` registered.
+
+    Read with the `legacy` the original's slow tokenizer had (transformers 5
+    assumes False where a config leaves it out; transformers 4, True)."""
     from transformers import AutoTokenizer
 
+    from mlx_llava.processor import attach_chat_template, tokenizer_legacy
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), legacy=tokenizer_legacy(folder))
     except Exception as e:  # transformers raises many kinds for a missing or bad tokenizer
         raise LlavaError(f"cannot read the tokenizer in {folder} ({type(e).__name__}: {e})".splitlines()[0]) from None
     tokenizer.add_tokens(list(extra_tokens) + [IMAGE_TOKEN], special_tokens=True)
-    template = Path(folder) / "chat_template.json"
-    if not getattr(tokenizer, "chat_template", None) and template.is_file():
-        tokenizer.chat_template = json.loads(template.read_text()).get("chat_template")
+    attach_chat_template(tokenizer, folder)
     return tokenizer
+
+
+def save_tokenizer(tokenizer, out: Path, source: Path):
+    """Tokenizer files, with the source's `legacy` recorded for LLaMA-style ones."""
+    from mlx_llava.processor import tokenizer_legacy, write_legacy
+
+    tokenizer.save_pretrained(str(out))
+    if getattr(tokenizer, "legacy", None) is not None:
+        write_legacy(out, tokenizer_legacy(source))
 
 
 def token_id(tokenizer, token: str) -> int:

@@ -74,14 +74,14 @@ def detect(folder: Path) -> str:
     model_type = config.get("model_type")
     if "text_config" in config or "vision_config" in config:
         if model_type not in LLAVA_TYPES:
-            raise LlavaError(f"unknown model type {model_type!r}: mlx-llava converts LLaVA models (llava)")
+            raise LlavaError(f"unknown architecture {model_type!r}: not a LLaVA model")
         quantized = "quantization" in config
         mlx = quantized or any(safetensors_metadata(f).get("format") == "mlx" for f in folder.glob("*.safetensors"))
         return "mlx-vlm" if mlx else "llava-hf"
     if model_type in LLAVA_TYPES or any(k.startswith("mm_") for k in config):
         return "original"
     raise LlavaError(
-        f"unknown model type {model_type!r}: not a LLaVA checkpoint"
+        f"unknown architecture {model_type!r}: not a LLaVA checkpoint"
         " (no text_config/vision_config, and no mm_* fields of the original LLaVA)"
     )
 
@@ -159,22 +159,6 @@ def vision_tower(spec, what: str, with_weights: bool) -> tuple:
     return config, tensors, json.loads(pre.read_text()) if pre.is_file() else default
 
 
-def conv_mode_for(name: str) -> tuple:
-    """The original run_llava.py's template rule, from the model name.
-    -> (conv mode, note or None)."""
-    n = name.lower()
-    if "llama-2" in n:
-        return "llava_llama_2", None
-    if "mistral" in n:
-        return "mistral_instruct", None
-    if "v1" in n:
-        return "llava_v1", None
-    return "llava_v1", (
-        f"the original picks its llava_v0 template for a model named {name!r}, which mlx-llava "
-        "does not have: using llava_v1 (choose another with --conv-mode)"
-    )
-
-
 def complete_text_config(text: dict, tensors: list) -> dict:
     """A full text config; vocabulary and weight tying from the tensors themselves."""
     text = text_config_with_defaults(text)
@@ -218,27 +202,8 @@ def read_llava_hf(folder: Path, name: str, kind: str) -> Source:
 
     pre_path = folder / "preprocessor_config.json"
     pre = json.loads(pre_path.read_text()) if pre_path.is_file() else {}
-    # LLaVA-1.5 (a LLaMA/Vicuna, CLIP at 336 px, the MLP projector) pads images
-    # to squares and was trained with the llava_v1 template.
-    llava_15 = (out["text_config"].get("model_type") == "llama" and vision.get("image_size") == 336
-                and out["projector_type"] == "mlp2x_gelu")
-    notes = []
-    if "image_aspect_ratio" not in out:
-        out["image_aspect_ratio"] = "pad" if pre.get("do_pad") or llava_15 else "crop"
-    if "conv_mode" not in out:
-        if llava_15 or not _has_chat_template(folder):
-            out["conv_mode"] = "llava_v1"
-        else:
-            out["conv_mode"] = "chat_template"
-            notes.append("no LLaVA-1.5 template known for this model: prompts use the tokenizer's chat template")
-    return Source(kind, name, out, tensors, folder, pre, quantization=quantization, notes=notes)
-
-
-def _has_chat_template(folder: Path) -> bool:
-    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
-        return True
-    tc = folder / "tokenizer_config.json"
-    return tc.is_file() and bool(json.loads(tc.read_text()).get("chat_template"))
+    # Template and image handling: processor.settings, once the tokenizer is read.
+    return Source(kind, name, out, tensors, folder, pre, quantization=quantization)
 
 
 def _mark_quantized(tensors: list, quantization: dict) -> list:

@@ -26,7 +26,7 @@ from mlx_llava.errors import LlavaError
 from mlx_llava.weights import load_config
 
 from .checkpoint import Tensor, model_files, read_file, read_files
-from .formats import Source, complete_text_config, conv_mode_for, is_buffer, patch_kernel, vision_tower
+from .formats import Source, complete_text_config, is_buffer, patch_kernel, vision_tower
 from .hub import fetch
 
 # Flat-config keys that are LLaVA's, not the language model's.
@@ -83,9 +83,8 @@ def language_model_type(config: dict, where) -> str:
 def read_original(folder: Path, name: str, vision_spec=None) -> Source:
     config = load_config(folder)
     tensors = our_tensors(read_files(model_files(folder)))
-    conv_mode, note = conv_mode_for(name)
     return _build("original", folder, name, config, text_fields(config), language_model_type(config, folder),
-                  tensors, folder, vision_spec, conv_mode, [note] if note else [])
+                  tensors, folder, vision_spec, None, [])
 
 
 def read_stage1(folder: Path, name: str, vision_spec, model_base) -> Source:
@@ -125,9 +124,8 @@ def read_lora(folder: Path, name: str, vision_spec, model_base) -> Source:
         raise LlavaError(f"the LoRA adapter in {folder} targets {next(iter(adapter))}, which the base model lacks")
     # The trainables (the projector, at least) replace what the base has of them.
     tensors = our_tensors([t for t in tensors if t.name not in extra] + list(extra.values()))
-    conv_mode, note = conv_mode_for(name)
     return _build("lora", folder, name, config, text_fields(config), language_model_type(config, folder),
-                  tensors, base, vision_spec, conv_mode, [note] if note else [])
+                  tensors, base, vision_spec, None, [])
 
 
 # ---------------------------------------------------------------- LoRA
@@ -225,8 +223,9 @@ def _build(kind, folder, name, config, text, lm_type, tensors, tokenizer, vision
         "vision_feature_layer": config.get("mm_vision_select_layer", -2),
         "vision_feature_select_strategy": SELECT_FEATURE[feature],
         "image_aspect_ratio": "pad" if aspect == "pad" else "crop",
-        "conv_mode": conv_mode,
         "mm_use_im_start_end": start_end,
     }
+    if conv_mode:  # else chosen from the model's name, as the original's CLI does
+        out["conv_mode"] = conv_mode
     return Source(kind, name, out, tensors, Path(tokenizer), preprocessor,
                   extra_tokens=extra if start_end else [], notes=notes)

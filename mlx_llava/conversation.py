@@ -11,6 +11,7 @@ jinja template instead (llava-hf and other converted models).
 """
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -37,7 +38,7 @@ class Template:
     name: str
     system: str
     roles: tuple = ("USER", "ASSISTANT")
-    style: str = "two"  # "two" | "plain" | "llama_2" (the original's SeparatorStyle)
+    style: str = "two"  # "single" | "two" | "mpt" | "plain" | "llama_2" (the original's SeparatorStyle)
     sep: str = " "
     sep2: Optional[str] = "</s>"
 
@@ -65,6 +66,13 @@ TEMPLATES = {
         style="llama_2", sep="<s>",
     ),
     "mistral_instruct": Template("mistral_instruct", "", style="llama_2", sep=""),
+    # LLaVA v0 (April 2023): "###" between turns.
+    "llava_v0": Template("llava_v0", _HUMAN_SYSTEM, ("Human", "Assistant"), "single", "###", None),
+    # LLaVA-1.6-34b (Yi): ChatML with a one-line system message.
+    "chatml_direct": Template(
+        "chatml_direct", "<|im_start|>system\nAnswer the questions.",
+        ("<|im_start|>user\n", "<|im_start|>assistant\n"), "mpt", "<|im_end|>", None,
+    ),
 }
 
 
@@ -113,6 +121,16 @@ def _prompt(template: Template, system: str, turns: list) -> str:
     """The original's get_prompt for (role, message) turns; a falsy message is an open turn."""
     t = template
     roles = {"user": t.roles[0], "assistant": t.roles[1]}
+    if t.style == "single":
+        out = system + t.sep
+        for role, msg in turns:
+            out += f"{roles[role]}: {msg}{t.sep}" if msg else f"{roles[role]}:"
+        return out
+    if t.style == "mpt":
+        out = system + t.sep
+        for role, msg in turns:
+            out += f"{roles[role]}{msg}{t.sep}" if msg else roles[role]
+        return out
     if t.style == "two":
         seps = (t.sep, t.sep2)
         out = system + t.sep
@@ -168,6 +186,74 @@ def _apply_chat_template(tokenizer, messages: list, add_generation_prompt: bool)
 # ---------------------------------------------------------------- tokens
 
 
+class OriginalTokenizer:
+    """A tokenizer whose `encode` gives the ids the original LLaVA's does.
+
+    The original tokenizes with transformers' slow, sentencepiece
+    LlamaTokenizer (`use_fast=False`). The fast one that converted models
+    carry differs where a text starts with a space: sentencepiece always
+    puts its "▁" word prefix in front, the fast pre-tokenizer (Metaspace)
+    only where none is there, so " ASSISTANT:" loses a "▁". Every piece
+    between two `<image>`s is such a text (a human turn that is only
+    `<image>` leaves " ASSISTANT: ..." after it), and so is every text after
+    a special token for a `legacy` tokenizer. So, for Metaspace tokenizers,
+    `encode` does what the slow tokenizer does: split the text on added
+    tokens, give each text segment the prefix where the slow one gives it
+    (every segment when `legacy`; else only the text's start), and run the
+    BPE model on exactly that string. Any other tokenizer is used as it is.
+    Everything but `encode` is the wrapped tokenizer's.
+    """
+
+    def __init__(self, tokenizer, legacy: bool = True):
+        self._tokenizer = tokenizer
+        hf = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm's wrapper holds transformers'
+        backend = getattr(hf, "backend_tokenizer", None)
+        self.slow_legacy = legacy if backend is not None and _is_metaspace(backend) else None
+        if self.slow_legacy is None:
+            return
+        self._bpe = backend.model
+        added = sorted(hf.get_added_vocab().items(), key=lambda kv: -len(kv[0]))
+        self._added = dict(added)
+        self._split = re.compile("(" + "|".join(re.escape(t) for t, _ in added) + ")") if added else None
+        probe = list(hf.encode("a", add_special_tokens=False))
+        full = list(hf.encode("a"))
+        start = next(i for i in range(len(full)) if full[i:i + len(probe)] == probe)
+        self._before, self._after = full[:start], full[start + len(probe):]
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list:
+        if self.slow_legacy is None:
+            return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        ids = []
+        if text:
+            if not self.slow_legacy:  # the prefix goes in front of the whole text, once
+                text = "▁" + text.replace("▁", " ")
+            parts = [p for p in (self._split.split(text) if self._split else [text]) if p]
+            if not self.slow_legacy and len(parts) > 1 and parts[0] == "▁" and parts[1] in self._added:
+                parts = parts[1:]  # a text that starts with a special token gets no prefix
+            for part in parts:
+                if part in self._added:
+                    ids.append(self._added[part])
+                else:
+                    part = ("▁" if self.slow_legacy else "") + part.replace(" ", "▁")
+                    ids += [t.id for t in self._bpe.tokenize(part)]
+        return (self._before + ids + self._after) if add_special_tokens else ids
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+def _is_metaspace(backend) -> bool:
+    """A BPE tokenizer whose pre-tokenizer adds sentencepiece's "▁" prefix."""
+    import json
+
+    spec = json.loads(backend.to_str())
+    if (spec.get("model") or {}).get("type") != "BPE":
+        return False
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    return any(s.get("type") == "Metaspace" and s.get("prepend_scheme", "always") != "never" for s in steps)
+
+
 def tokenize(tokenizer, text: str, image_token_index: int, num_visual_tokens: int = 1) -> list:
     """Prompt text -> token ids, as the original's `tokenizer_image_token`.
 
@@ -203,13 +289,14 @@ _FROM = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 
 
 def build_targets(tokenizer, conversation: list, conv_mode: str, image_token_index: int,
-                  num_visual_tokens: int = 1) -> tuple:
+                  num_visual_tokens: int = 1, image_wrap: Optional[tuple] = None) -> tuple:
     """A LLaVA JSON conversation ([{"from": "human"|"gpt", "value"}]) -> (input_ids, labels).
 
     Labels are IGNORE_INDEX where nothing is learned: the system text, the
     questions, the image. The answers and the separator that ends each are
     learned, by the original's rules for the conv mode (see the functions
     below). A sample with no `<image>` is text-only and gets no image tokens.
+    `image_wrap`: the (before, after) tokens of `mm_use_im_start_end` models.
     """
     turns = []
     for n, turn in enumerate(conversation):
@@ -228,6 +315,9 @@ def build_targets(tokenizer, conversation: list, conv_mode: str, image_token_ind
         if IMAGE_PLACEHOLDER in value else (role, value)
         for role, value in turns
     ]
+    if image_wrap:
+        wrapped = image_wrap[0] + IMAGE_PLACEHOLDER + image_wrap[1]
+        turns = [(role, value.replace(IMAGE_PLACEHOLDER, wrapped)) for role, value in turns]
 
     if conv_mode == CHAT_TEMPLATE:
         ids, labels = _chat_template_targets(tokenizer, turns)
@@ -235,6 +325,9 @@ def build_targets(tokenizer, conversation: list, conv_mode: str, image_token_ind
         template = get_template(conv_mode)
         if template.style == "plain":
             ids, labels = _plain_targets(tokenizer, template, turns)
+        elif template.style not in ("two", "llama_2"):
+            raise LlavaError(f"training with the {conv_mode} template is not supported "
+                             "(llava_v1, vicuna_v1, plain, llava_llama_2, mistral_instruct or chat_template)")
         else:
             ids, labels = _round_targets(tokenizer, template, turns)
 
@@ -272,18 +365,19 @@ def _round_targets(tokenizer, template: Template, turns: list) -> tuple:
     starts at 1 for the prompt's own BOS. If the sum disagrees with the prompt's
     length (the original's "tokenization mismatch") every label is masked.
 
-    Where the original asks `not tokenizer.legacy` (tokenizers >= 0.14) to take
-    one token off rounds after the first (a non-legacy LLaMA tokenizer adds no
-    "▁" after "</s>" but does at the start of a text), we measure what the
-    tokenizer actually does: the tokens a round gains when tokenized alone
-    rather than after sep2. That is the original's 0 or 1 where its guess is
-    right, and also right where it is not (llama_2 has no such branch).
+    Rounds after the first: preprocess_v1 takes one token off when the
+    tokenizer is not `legacy` (it adds no "▁" after "</s>" but does at the
+    start of a text); preprocess_llama_2 never does. That rule is followed
+    for the sentencepiece tokenizers it was written for (`OriginalTokenizer`);
+    for others, which the original cannot train, the shift is measured: the
+    tokens a round gains when tokenized alone rather than after sep2.
     """
     t = template
     prompt = _prompt(t, t.system, turns)
     ids = _tokenizer_image_token(tokenizer, prompt, _IMAGE)
     labels = np.array(ids)
     answer_sep = t.sep + t.roles[1] + ": " if t.style == "two" else "[/INST] "
+    legacy = getattr(tokenizer, "slow_legacy", None)
     cur = 1
     labels[:cur] = IGNORE_INDEX
     for i, rou in enumerate(prompt.split(t.sep2)):
@@ -295,7 +389,9 @@ def _round_targets(tokenizer, template: Template, turns: list) -> tuple:
         round_len = len(_tokenizer_image_token(tokenizer, rou, _IMAGE))
         instruction_len = len(_tokenizer_image_token(tokenizer, parts[0] + answer_sep, _IMAGE)) - 2
         if i > 0:
-            shift = round_len + 1 - len(_tokenizer_image_token(tokenizer, t.sep2 + rou, _IMAGE))
+            shift = 0 if t.style != "two" else (
+                int(not legacy) if legacy is not None
+                else round_len + 1 - len(_tokenizer_image_token(tokenizer, t.sep2 + rou, _IMAGE)))
             round_len -= shift
             instruction_len -= shift
         labels[cur:cur + instruction_len] = IGNORE_INDEX

@@ -27,8 +27,10 @@ IM_START_END = ("<im_start>", "<im_end>")  # the original's DEFAULT_IM_START_TOK
 class Processor:
     def __init__(self, tokenizer, image_config: ImageConfig, image_token_index: int,
                  num_visual_tokens: int, conv_mode: str, context_length: int,
-                 image_wrap: Optional[tuple] = None):
-        self.tokenizer = tokenizer
+                 image_wrap: Optional[tuple] = None, legacy: bool = True):
+        self.tokenizer = tokenizer  # mlx-lm's wrapper: decoding, streaming, EOS ids
+        # Prompt and target ids as the original's tokenizer makes them.
+        self.encoder = conversation.OriginalTokenizer(tokenizer, legacy)
         self.image_wrap = image_wrap  # (before, after) each <image>, e.g. ("<im_start>", "<im_end>")
         self.image_config = image_config
         self.image_token_index = image_token_index
@@ -43,25 +45,30 @@ class Processor:
             tokenizer = load_tokenizer(path, eos_token_ids=config.get("text_config", {}).get("eos_token_id"))
         except Exception as e:  # transformers raises many kinds for a missing/bad tokenizer
             raise LlavaError(f"cannot load the tokenizer in {path} ({type(e).__name__}: {e})") from None
+        attach_chat_template(tokenizer, path)
         pre = path / "preprocessor_config.json"
         pre = json.loads(pre.read_text()) if pre.exists() else {}
-        image_config = ImageConfig.from_preprocessor_config(pre, config.get("image_aspect_ratio"))
+        chosen = settings(config, pre, has_chat_template(tokenizer))
+        image_config = ImageConfig.from_preprocessor_config(pre, chosen["image_aspect_ratio"])
         vision = config.get("vision_config") or {}
         patches = (vision.get("image_size", 336) // vision.get("patch_size", 14)) ** 2
         strategy = config.get("vision_feature_select_strategy", "default")
-        conv_mode = config.get("conv_mode") or (
-            conversation.CHAT_TEMPLATE if tokenizer.chat_template else "llava_v1"
-        )
         text = config.get("text_config", {})
         return cls(
             tokenizer,
             image_config,
             config.get("image_token_index", config.get("image_token_id", 32000)),
             patches if strategy == "default" else patches + 1,
-            conv_mode,
+            chosen["conv_mode"],
             text.get("max_position_embeddings") or 4096,
             IM_START_END if config.get("mm_use_im_start_end") else None,
+            legacy=tokenizer_legacy(path),
         )
+
+    @property
+    def train_conv_mode(self) -> str:
+        """The template this model's instruction tuning used (stage 2 and the benchmarks)."""
+        return trained_conv_mode(self.conv_mode)
 
     def prompt(self, messages, add_generation_prompt: bool = True, conv_mode: Optional[str] = None) -> str:
         """Messages ({"role", "content"}, `<image>` where an image goes) -> prompt text."""
@@ -77,7 +84,7 @@ class Processor:
             placeholder = conversation.IMAGE_PLACEHOLDER
             prompt = prompt.replace(placeholder, before + placeholder + after)
         return conversation.tokenize(
-            self.tokenizer, prompt, self.image_token_index, self.num_visual_tokens
+            self.encoder, prompt, self.image_token_index, self.num_visual_tokens
         )
 
     def preprocess(self, images) -> mx.array:
@@ -104,7 +111,118 @@ class Processor:
         """Tokenizer files and preprocessor_config.json, as llava-hf lays them out."""
         path = Path(path)
         self.tokenizer.save_pretrained(str(path))
+        if self.encoder.slow_legacy is not None:
+            write_legacy(path, self.encoder.slow_legacy)
         (path / "preprocessor_config.json").write_text(
             json.dumps(self.image_config.to_preprocessor_config(), indent=2)
         )
 
+
+# ---------------------------------------------------------------- choices
+
+
+# The original's chat CLI answers LLaVA-1.5 in llava_v1 ("a curious human"),
+# but LLaVA-1.5 was trained (`--version v1`) and is benchmarked in vicuna_v1
+# ("a curious user"): the two differ only in the system message.
+TRAINED_WITH = {"llava_v1": "vicuna_v1"}
+
+
+def trained_conv_mode(conv_mode: str) -> str:
+    """The template a model answering in `conv_mode` was instruction-tuned with."""
+    return TRAINED_WITH.get(conv_mode, conv_mode)
+
+
+def conv_mode_from_name(name: str) -> str:
+    """The template the original's CLI (llava/serve/cli.py) picks from a model's name."""
+    n = name.lower()
+    for part, mode in (("llama-2", "llava_llama_2"), ("mistral", "mistral_instruct"),
+                       ("v1.6-34b", "chatml_direct"), ("v1", "llava_v1"), ("mpt", "mpt")):
+        if part in n:
+            return mode
+    return "llava_v0"
+
+
+def settings(config: dict, preprocessor: Optional[dict], chat_template: bool,
+             original_name: Optional[str] = None) -> dict:
+    """A model's chat template and image handling: {"conv_mode", "image_aspect_ratio", "why"}.
+
+    The one rule, for `load` and `convert` alike. A value the config already
+    holds wins (a converted folder, or `--conv-mode`). Otherwise an original
+    LLaVA checkpoint (`original_name`, the name its template is chosen by)
+    gets the template the original's CLI picks from that name; any other
+    model its tokenizer's own chat template when it has one (xtuner's
+    llava-llama-3, llava-phi-3: a prompt format of their own), else llava_v1.
+    Images are padded to squares where the config says so, else where the
+    preprocessor does (`do_pad`), else for LLaVA-1.5-shaped models (CLIP at
+    336 px + the MLP projector: LLaVA-1.5 and the models trained with its
+    recipe all pad); anything else is center-cropped as CLIP does.
+    """
+    pre = preprocessor or {}
+    conv_mode, why = config.get("conv_mode"), "from config.json"
+    if not conv_mode and original_name is not None:
+        conv_mode = conv_mode_from_name(original_name)
+        why = f"the original LLaVA's choice for a model named {original_name!r}"
+    elif not conv_mode:
+        conv_mode, why = (("chat_template", "the tokenizer's own chat template") if chat_template
+                          else ("llava_v1", "no chat template in the tokenizer"))
+    aspect = config.get("image_aspect_ratio")
+    if aspect in ("square", ""):
+        aspect = "crop"
+    if aspect is None and isinstance(pre.get("do_pad"), bool):
+        aspect = "pad" if pre["do_pad"] else "crop"
+    if aspect is None:
+        vision = config.get("vision_config") or {}
+        llava_15 = vision.get("image_size") == 336 and config.get("projector_type", "mlp2x_gelu") == "mlp2x_gelu"
+        aspect = "pad" if llava_15 else "crop"
+    return {"conv_mode": conv_mode, "image_aspect_ratio": aspect, "why": why}
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def attach_chat_template(tokenizer, folder):
+    """llava-hf keeps the chat template beside the tokenizer (chat_template.json
+    or .jinja, the processor's); give it to a tokenizer that has none."""
+    folder = Path(folder)
+    if has_chat_template(tokenizer):
+        return
+    template = None
+    if (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text()
+    elif (folder / "chat_template.json").is_file():
+        template = json.loads((folder / "chat_template.json").read_text()).get("chat_template")
+    if template:
+        hf = getattr(tokenizer, "_tokenizer", tokenizer)
+        hf.chat_template = template
+
+
+def write_legacy(folder, legacy: bool):
+    """Record `legacy` in a saved tokenizer_config.json: transformers 5 leaves
+    it out, and without it reads a LLaMA tokenizer as non-legacy."""
+    path = Path(folder) / "tokenizer_config.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**data, "legacy": legacy}, indent=2) + "\n")
+
+
+def tokenizer_legacy(folder) -> bool:
+    """Whether the original's slow LlamaTokenizer for this folder is `legacy`:
+    as tokenizer_config.json says; else as a saved fast tokenizer's prefix
+    scheme shows ("always" is legacy); else True, transformers 4's default,
+    under which the original ran."""
+    folder = Path(folder)
+    for name in ("tokenizer_config.json", "tokenizer.json"):
+        try:
+            data = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if name == "tokenizer_config.json":
+            if isinstance(data.get("legacy"), bool):
+                return data["legacy"]
+            continue
+        pre = data.get("pre_tokenizer") or {}
+        steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+        for step in steps:
+            if step.get("type") == "Metaspace" and step.get("prepend_scheme") in ("always", "first"):
+                return step["prepend_scheme"] == "always"
+    return True

@@ -176,7 +176,7 @@ def assemble(language_model, vision_tower, projector_type: str = "mlp2x_gelu", c
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     from .image import ImageConfig
-    from .processor import Processor
+    from .processor import Processor, attach_chat_template, has_chat_template, tokenizer_legacy
 
     lm_path = resolve(language_model)
     lm_config = load_config(lm_path)
@@ -185,6 +185,7 @@ def assemble(language_model, vision_tower, projector_type: str = "mlp2x_gelu", c
     text_config = {k: v for k, v in lm_config.items() if k not in ("quantization", "quantization_config")}
     text_config["tie_word_embeddings"] = "language_model.lm_head.weight" not in weights
     tokenizer = load_tokenizer(lm_path, eos_token_ids=lm_config.get("eos_token_id"))
+    attach_chat_template(tokenizer, lm_path)
     # The original leaves <image> out of the vocabulary; use it where a tokenizer has it.
     image_token = tokenizer.get_vocab().get(IMAGE_TOKEN, text_config["vocab_size"])
     config = {
@@ -198,7 +199,8 @@ def assemble(language_model, vision_tower, projector_type: str = "mlp2x_gelu", c
         "vision_feature_select_strategy": "default",
         "image_token_index": image_token,
         "image_aspect_ratio": "pad",
-        "conv_mode": conv_mode or ("chat_template" if tokenizer.chat_template else "vicuna_v1"),
+        # LLaVA-1.5's training template, unless the language model brings its own.
+        "conv_mode": conv_mode or ("chat_template" if has_chat_template(tokenizer) else "vicuna_v1"),
     }
     if lm_config.get("quantization"):
         config["quantization"] = lm_config["quantization"]
@@ -215,7 +217,8 @@ def assemble(language_model, vision_tower, projector_type: str = "mlp2x_gelu", c
         "pad",
     )
     processor = Processor(tokenizer, image_config, image_token, model.num_visual_tokens,
-                          config["conv_mode"], text_config.get("max_position_embeddings") or 4096)
+                          config["conv_mode"], text_config.get("max_position_embeddings") or 4096,
+                          legacy=tokenizer_legacy(lm_path))
     return model, config, processor
 
 

@@ -78,13 +78,13 @@ TEXT = dict(
 
 
 def build_reference(projector_type="mlp2x_gelu", kv_heads=4, feature_layer=-2,
-                    strategy="default", seed=0):
+                    strategy="default", seed=0, vision=None):
     """A transformers LlavaForConditionalGeneration with random float32 weights."""
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**VISION),
+        vision_config=CLIPVisionConfig(**{**VISION, **(vision or {})}),
         text_config=LlamaConfig(**{**TEXT, "num_key_value_heads": kv_heads}),
         image_token_index=VOCAB,
         vision_feature_layer=feature_layer,
@@ -124,7 +124,7 @@ def save_reference(model, path: Path, tokenizer_dir: Path, projector_type="mlp2x
     for f in Path(tokenizer_dir).iterdir():
         if f.is_file():
             shutil.copy(f, path / f.name)
-    size = VISION["image_size"]
+    size = model.config.vision_config.image_size
     CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(path)
     config = json.loads((path / "config.json").read_text())
     config["projector_type"] = projector_type

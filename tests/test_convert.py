@@ -260,6 +260,15 @@ def test_original_v1_linear_with_im_start_end(linear_ref, tokenizer_dir, tmp_pat
     ids = processor.encode(processor.prompt([{"role": "user", "content": "<image>\nWhat is it?"}]))
     start = ids.index(403)
     assert ids[start - 1] == 401 and ids[start + PATCHES] == 402 and ids.count(403) == PATCHES
+    # training targets wrap the image the same way (the original's preprocess_multimodal)
+    from mlx_llava.conversation import IGNORE_INDEX, build_targets
+
+    turns = [{"from": "human", "value": "What is it?\n<image>"}, {"from": "gpt", "value": "A cat."}]
+    ids, labels = build_targets(processor.encoder, turns, processor.train_conv_mode, 403, PATCHES,
+                                processor.image_wrap)
+    start = ids.index(403)
+    assert ids[start - 1] == 401 and ids[start + PATCHES] == 402 and ids.count(403) == PATCHES
+    assert labels[start - 1] == labels[start + PATCHES] == IGNORE_INDEX
 
 
 def test_original_mistral_and_cls_patch(tokenizer_dir, tmp_path):
@@ -616,7 +625,7 @@ def test_unknown_model_type(good_source, tmp_path, cli):
     config = {k: v for k, v in config.items() if not k.startswith("mm_")}
     (good_source / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
     result = cli("--hf", good_source, "--mlx-path", tmp_path / "out")
-    assert_one_line_error(result, "unknown model type 'bert'")
+    assert_one_line_error(result, "unknown architecture 'bert'")
     assert_nothing_left(tmp_path / "out")
 
 

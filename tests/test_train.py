@@ -353,3 +353,51 @@ def test_group_by_length_batches_like_lengths_and_covers_the_epoch():
     assert len(set(firsts[:20])) > 1  # the grouped batches are shuffled, not sorted
     assert grouped == epoch_batches(lengths, 8, 1, seed=0, epoch=0, group_by_length=True)
     assert grouped != epoch_batches(lengths, 8, 1, seed=0, epoch=1, group_by_length=True)
+
+
+def test_image_placeholder_stays_where_the_record_puts_it(model_dir, dataset, tmp_path):
+    """<image> in a later human turn is spliced there (as the original does);
+    a record with an image but no <image> trains as text, its image unseen (as
+    the original does), and is reported; two placeholders for one image is skipped."""
+    from mlx_llava.processor import Processor
+    from mlx_llava.train.data import prepare
+
+    model, config = load_model(model_dir)
+    processor = Processor.from_dir(model_dir, config)
+    convo = [{"from": "human", "value": "What is this?"}, {"from": "gpt", "value": "A square."},
+             {"from": "human", "value": "<image>\nWhat color is it?"}, {"from": "gpt", "value": "red"}]
+    records = [
+        {"id": "second-turn", "image": "red0.png", "conversations": convo},
+        {"id": "no-placeholder", "image": "red0.png", "conversations": [
+            {"from": "human", "value": "What color is the square?"}, {"from": "gpt", "value": "red"}]},
+        {"id": "two", "image": "red0.png", "conversations": [
+            {"from": "human", "value": "<image>\n<image>\nWhat?"}, {"from": "gpt", "value": "red"}]},
+    ]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records))
+    data = prepare(path, processor.encoder, processor.train_conv_mode, processor.image_token_index,
+                   processor.num_visual_tokens, str(dataset / "images"), 2048)
+    examples = {e.id: e for e in data.examples}
+    second = examples["second-turn"]
+    n = processor.num_visual_tokens
+    image = processor.image_token_index
+    assert second.input_ids.count(image) == n and second.image is not None
+    # the image lies after the first answer, not in the first turn
+    first_answer = processor.encoder.encode("A square.", add_special_tokens=False)
+    start = second.input_ids.index(image)
+    assert any(second.input_ids[i:i + len(first_answer)] == first_answer for i in range(start))
+    assert examples["no-placeholder"].image is None and image not in examples["no-placeholder"].input_ids
+    assert data.unplaced == ["no-placeholder"]
+    assert dict(data.skipped)["two"].startswith("2 <image> placeholders")
+    # and the batch trains: the image's tokens meet its visual tokens
+    summary = run(model_dir, dataset, tmp_path / "out", data=str(path), batch_size=2, iters=1)
+    assert summary["unplaced"] == ["no-placeholder"] and summary["final_loss"] > 0
+
+
+def test_stage2_trains_with_the_template_the_model_was_trained_with(model_dir, dataset, tmp_path):
+    """A model that answers in llava_v1 (the original CLI's choice for LLaVA-1.5)
+    was instruction-tuned in vicuna_v1: stage 2 defaults to that; --conv-mode overrides."""
+    config = json.loads((model_dir / "config.json").read_text())
+    assert mlx_llava.load(model_dir)[1].conv_mode == config.get("conv_mode", "llava_v1") == "llava_v1"
+    assert run(model_dir, dataset, tmp_path / "a", iters=1)["conv_mode"] == "vicuna_v1"
+    assert run(model_dir, dataset, tmp_path / "b", iters=1, conv_mode="llava_v1")["conv_mode"] == "llava_v1"

@@ -30,6 +30,7 @@ class Dataset:
     examples: List[Example]
     skipped: List[tuple] = field(default_factory=list)  # (id, reason)
     truncated: int = 0
+    unplaced: List[str] = field(default_factory=list)  # ids with an image but no <image>: trained as text
 
 
 def read_records(path) -> tuple:
@@ -95,7 +96,7 @@ class MemoTokenizer:
 
 
 def prepare(path, tokenizer, conv_mode: str, image_token_index: int, num_visual_tokens: int,
-            image_folder=None, max_length: int = 2048) -> Dataset:
+            image_folder=None, max_length: int = 2048, image_wrap=None) -> Dataset:
     """Tokenize every usable record; skip (and count) the rest."""
     records, skipped = read_records(path)
     tokenizer = MemoTokenizer(tokenizer)
@@ -113,14 +114,21 @@ def prepare(path, tokenizer, conv_mode: str, image_token_index: int, num_visual_
             out.skipped.append((rid, reason))
             continue
         turns = [dict(t) for t in record["conversations"]]
-        first = next(t for t in turns if t["from"] in ("human", "user"))
+        placeholders = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns)
+        if image is not None and placeholders > 1:
+            out.skipped.append((rid, f"{placeholders} {IMAGE_PLACEHOLDER} placeholders for one image"))
+            continue
+        if image is not None and placeholders == 0:
+            # The original splices an image only where <image> stands; with
+            # none, the sample trains as text and its image is never seen.
+            image = None
+            out.unplaced.append(rid)
         if image is None:
-            first["value"] = first["value"].replace(IMAGE_PLACEHOLDER, "").strip()
-        elif IMAGE_PLACEHOLDER not in first["value"]:
-            first["value"] = f"{IMAGE_PLACEHOLDER}\n{first['value']}"
+            for t in turns:
+                t["value"] = t["value"].replace(IMAGE_PLACEHOLDER, "").strip()
         try:
             ids, labels = build_targets(tokenizer, turns, conv_mode, image_token_index,
-                                        num_visual_tokens if image else 1)
+                                        num_visual_tokens if image else 1, image_wrap)
         except LlavaError as e:
             out.skipped.append((rid, str(e)))
             continue

@@ -51,12 +51,12 @@ def train(config: TrainConfig = None, on_step=None, **kwargs) -> dict:
     mx.random.seed(cfg.seed)  # new layers (projector, LoRA) start the same on every rank and run
     model, model_config, processor = load_base(cfg)
     lora = setup_trainable(model, cfg)
-    conv_mode = "plain" if cfg.stage == 1 else (cfg.conv_mode or processor.conv_mode)
+    conv_mode = "plain" if cfg.stage == 1 else (cfg.conv_mode or processor.train_conv_mode)
 
     # ---- data
     def load_data(path):
-        return prepare(path, processor.tokenizer, conv_mode, processor.image_token_index,
-                       processor.num_visual_tokens, cfg.image_folder, cfg.max_length)
+        return prepare(path, processor.encoder, conv_mode, processor.image_token_index,
+                       processor.num_visual_tokens, cfg.image_folder, cfg.max_length, processor.image_wrap)
 
     data = load_data(cfg.data)
     val = load_data(cfg.val_data) if cfg.val_data else None
@@ -88,7 +88,7 @@ def train(config: TrainConfig = None, on_step=None, **kwargs) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    say(f"stage {cfg.stage} ({cfg.method}): {len(data.examples)} examples, {total} steps of "
+    say(f"stage {cfg.stage} ({cfg.method}, template {conv_mode}): {len(data.examples)} examples, {total} steps of "
         f"{cfg.batch_size} ({world} process(es) x {accum} micro-batches of {micro}), "
         f"{trainable / 1e6:.2f}M trainable parameters")
 
@@ -157,7 +157,7 @@ def train(config: TrainConfig = None, on_step=None, **kwargs) -> dict:
 
     model.eval()
     summary = {"steps": total, "examples": len(data.examples), "skipped": data.skipped,
-               "truncated": data.truncated, "final_loss": losses[-1][1] if losses else None}
+               "truncated": data.truncated, "unplaced": data.unplaced, "conv_mode": conv_mode, "final_loss": losses[-1][1] if losses else None}
     if lead:
         save_outputs(out, model, model_config, processor, cfg, lora)
         plot_loss(read_losses(out / "log.jsonl"), out / "loss.png")
@@ -165,6 +165,10 @@ def train(config: TrainConfig = None, on_step=None, **kwargs) -> dict:
             say(f"skipped {len(data.skipped)} record(s): "
                 + ", ".join(f"{i} ({why})" for i, why in data.skipped[:10])
                 + (" ..." if len(data.skipped) > 10 else ""))
+        if data.unplaced:
+            say(f"{len(data.unplaced)} record(s) have an image but no <image> placeholder: trained as text, "
+                "their image unseen, as the original does (" + ", ".join(data.unplaced[:5])
+                + (" ..." if len(data.unplaced) > 5 else "") + ")")
         if data.truncated:
             say(f"truncated {data.truncated} example(s) to --max-length {cfg.max_length}")
         say(f"wrote {out}")

@@ -1,0 +1,138 @@
+"""The original LLaVA's text rules, restated for tests (none of its code is copied).
+
+- `SlowLlamaTokenizer`: transformers 4.37's slow, sentencepiece
+  `LlamaTokenizer`, which the original loads with `use_fast=False`: the text
+  is split on added tokens; each piece goes through sentencepiece; with
+  `legacy` every piece gets sentencepiece's "▁" prefix, without it only the
+  start of the text does (and a piece that starts with a space is encoded
+  after an "<unk>" that is then dropped, so that no prefix is added to it).
+  research/slow_tokenizer_check.py checks this restatement against
+  transformers 4.37.2 itself.
+- `tokenizer_image_token`, `prompt_two` / `prompt_llama_2` (`get_prompt`),
+  `preprocess_v1`, `preprocess_llama_2` and `preprocess_plain` as
+  llava/mm_utils.py and llava/train/train.py define them.
+"""
+
+import re
+
+IGNORE_INDEX = -100
+IMAGE_INDEX = -200  # the original's IMAGE_TOKEN_INDEX
+
+
+class SlowLlamaTokenizer:
+    def __init__(self, model_file, legacy: bool, added=()):
+        import sentencepiece as spm
+        from sentencepiece import sentencepiece_model_pb2 as pb2
+
+        self.legacy = legacy
+        proto = pb2.ModelProto()
+        proto.ParseFromString(open(model_file, "rb").read())
+        if not legacy:  # the slow tokenizer turns the dummy prefix off and adds "▁" itself
+            proto.normalizer_spec.add_dummy_prefix = False
+        self.sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        self.bos_token_id, self.eos_token_id = self.sp.bos_id(), self.sp.eos_id()
+        self.specials = {"<unk>": self.sp.unk_id(), "<s>": self.bos_token_id, "</s>": self.eos_token_id}
+        self.added = dict(self.specials)
+        for token in added:
+            self.added[token] = self.sp.get_piece_size() + len(self.added) - len(self.specials)
+        self.unk_length = len(self.sp.encode("<unk>", out_type=str))
+
+    def _tokenize(self, text):
+        if self.legacy or not text.startswith(("▁", " ")):
+            return self.sp.encode(text, out_type=str)
+        return self.sp.encode("<unk>" + text, out_type=str)[self.unk_length:]
+
+    def tokenize(self, text):
+        if not self.legacy and text:
+            text = "▁" + text.replace("▁", " ")
+        pattern = "(" + "|".join(re.escape(t) for t in sorted(self.added, key=len, reverse=True)) + ")"
+        tokens = []
+        for part in re.split(pattern, text):
+            if part in self.added:
+                tokens.append(part)
+            elif part:
+                tokens += self._tokenize(part)
+        if not self.legacy and len(tokens) > 1 and tokens[0] == "▁" and tokens[1] in self.specials:
+            tokens = tokens[1:]
+        return tokens
+
+    def __call__(self, text):
+        ids = [self.added[t] if t in self.added else self.sp.piece_to_id(t) for t in self.tokenize(text)]
+        return [self.bos_token_id] + ids
+
+
+def tokenizer_image_token(prompt, tokenizer, image_index=IMAGE_INDEX):
+    chunks = [tokenizer(c) for c in prompt.split("<image>")]
+    offset = 1 if chunks[0][:1] == [tokenizer.bos_token_id] else 0
+    ids = chunks[0][:offset]
+    # The original puts [image] * (offset + 1) between the chunks and then
+    # drops `offset` ids from the front of every item, separators included.
+    for k, chunk in enumerate(chunks):
+        if k:
+            ids += ([image_index] * (offset + 1))[offset:]
+        ids += chunk[offset:]
+    return ids
+
+
+def multimodal(value):
+    """preprocess_multimodal on one turn."""
+    if "<image>" in value:
+        value = ("<image>\n" + value.replace("<image>", "").strip()).strip()
+    return value
+
+
+def prompt_two(system, turns, sep=" ", sep2="</s>", roles=("USER", "ASSISTANT")):
+    out = system + sep
+    for i, value in enumerate(turns):
+        out += f"{roles[i % 2]}: {value}" + (sep, sep2)[i % 2]
+    return out
+
+
+def prompt_llama_2(system, turns, sep="<s>", sep2="</s>"):
+    out = ""
+    for i, value in enumerate(turns):
+        if i == 0 and system:
+            value = f"<<SYS>>\n{system}\n<</SYS>>\n\n{value}"
+        out += f"{sep}[INST] {value} [/INST]" if i % 2 == 0 else f" {value} {sep2}"
+    return out.lstrip(sep)
+
+
+def _mask_rounds(prompt, tokenizer, sep2, answer_sep, shift, has_image):
+    encode = (lambda t: tokenizer_image_token(t, tokenizer)) if has_image else tokenizer
+    ids = encode(prompt)
+    target = list(ids)
+    cur = 1
+    target[:cur] = [IGNORE_INDEX]
+    for i, rou in enumerate(prompt.split(sep2)):
+        if rou == "":
+            break
+        parts = rou.split(answer_sep)
+        if len(parts) != 2:
+            break
+        round_len = len(encode(rou))
+        instruction_len = len(encode(parts[0] + answer_sep)) - 2
+        if i != 0:
+            round_len -= shift
+            instruction_len -= shift
+        target[cur:cur + instruction_len] = [IGNORE_INDEX] * len(target[cur:cur + instruction_len])
+        cur += round_len
+    target[cur:] = [IGNORE_INDEX] * len(target[cur:])
+    if cur != len(ids):
+        target = [IGNORE_INDEX] * len(ids)
+    return ids, target
+
+
+def preprocess_v1(prompt, tokenizer, has_image):
+    """Masks of preprocess_v1 with tokenizers >= 0.14: rounds after the first
+    lose one token when the tokenizer is not legacy."""
+    return _mask_rounds(prompt, tokenizer, "</s>", " ASSISTANT: ", 0 if tokenizer.legacy else 1, has_image)
+
+
+def preprocess_llama_2(prompt, tokenizer, has_image):
+    return _mask_rounds(prompt, tokenizer, "</s>", "[/INST] ", 0, has_image)
+
+
+def preprocess_plain(caption, tokenizer):
+    ids = tokenizer_image_token("<image>" + caption + "\n", tokenizer)
+    masked = len(tokenizer_image_token("<image>", tokenizer))
+    return ids, [IGNORE_INDEX] * masked + ids[masked:]
