@@ -25,8 +25,8 @@ from typing import Optional
 import mlx.core as mx
 
 from mlx_llava.errors import LlavaError
-from mlx_llava.models.llava import LLAVA_VISION, rename, text_config_with_defaults
-from mlx_llava.weights import load_config
+from mlx_llava.models.llava import llava_config, rename, text_config_with_defaults
+from mlx_llava.weights import clip_weights, load_config, read_clip_config
 
 from .checkpoint import Tensor, model_files, read_files, safetensors_metadata
 from .hub import fetch
@@ -123,40 +123,20 @@ def is_buffer(name: str) -> bool:
     return name.endswith(("rotary_emb.inv_freq", "position_ids"))
 
 
-def clip_config(folder: Path) -> dict:
-    """The vision config of a CLIP folder (CLIPModel or CLIPVisionModel)."""
-    config = load_config(folder)
-    vision = config.get("vision_config") if config.get("model_type") == "clip" else config
-    if not vision or vision.get("model_type", "clip_vision_model") != "clip_vision_model":
-        raise LlavaError(f"{folder} is not a CLIP vision tower (model_type {config.get('model_type')!r})")
-    keep = {k: v for k, v in vision.items() if not k.startswith("_") and k not in ("architectures", "transformers_version")}
-    return {**keep, "model_type": "clip_vision_model"}
-
-
-def clip_tensors(folder: Path) -> list:
-    """A CLIP folder's vision weights (`vision_model.*`), under our names."""
-    out = []
-    for t in read_files(model_files(folder)):
-        if t.name.startswith("vision_model.") and not is_buffer(t.name):
-            out.append(patch_kernel(t.renamed("vision_tower." + t.name)))
-    if not out:
-        raise LlavaError(f"{folder} has no vision_model.* weights")
-    return out
-
-
 def vision_tower(spec, what: str, with_weights: bool) -> tuple:
     """(vision_config, tensors or [], preprocessor dict) of a CLIP vision tower,
-    a hub id or a folder; its weights only when `with_weights`."""
+    a hub id or a folder in any CLIP spelling (`mlx_llava.weights.read_clip`'s
+    reader, with lazy tensors and .bin too); its weights only when `with_weights`."""
     try:
         folder = fetch(spec, what, weights=with_weights)
     except LlavaError as e:
         raise LlavaError(f"{e}; name it with --vision-tower") from None
-    config = clip_config(folder)
-    tensors = clip_tensors(folder) if with_weights else []
-    pre = folder / "preprocessor_config.json"
-    size = config.get("image_size", 224)
-    default = {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}
-    return config, tensors, json.loads(pre.read_text()) if pre.is_file() else default
+    config, preprocessor = read_clip_config(folder)
+    tensors = []
+    if with_weights:
+        found = clip_weights(((t.name, t) for t in read_files(model_files(folder))), folder)
+        tensors = [patch_kernel(t.renamed(name), config["num_channels"]) for name, t in found.items()]
+    return config, tensors, preprocessor
 
 
 def complete_text_config(text: dict, tensors: list) -> dict:
@@ -179,8 +159,9 @@ def read_llava_hf(folder: Path, name: str, kind: str) -> Source:
     if not quantization and isinstance(config.get("quantization_config"), dict):
         method = config["quantization_config"].get("quant_method", "unknown")
         raise LlavaError(f"{folder} is quantized with {method}, which mlx-llava cannot read: convert the full-precision model")
-    vision = config.get("vision_config") or {"model_type": "clip_vision_model", **LLAVA_VISION}
-    channels = vision.get("num_channels", 3)
+    config = llava_config(config)
+    vision = config["vision_config"]
+    channels = vision["num_channels"]
     tensors = []
     for t in read_files(model_files(folder)):
         if is_buffer(t.name):
@@ -194,10 +175,8 @@ def read_llava_hf(folder: Path, name: str, kind: str) -> Source:
            and not k.startswith("_")}
     out["model_type"] = "llava"
     out["architectures"] = ["LlavaForConditionalGeneration"]
-    out["text_config"] = complete_text_config(config.get("text_config") or {}, tensors)
+    out["text_config"] = complete_text_config(config["text_config"], tensors)
     out["vision_config"] = vision
-    if "image_token_id" in out:
-        out.setdefault("image_token_index", out.pop("image_token_id"))
     out.setdefault("projector_type", "mlp2x_gelu")
 
     pre_path = folder / "preprocessor_config.json"

@@ -20,7 +20,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import make_shards, quantize_model
 
 from .errors import LlavaError
-from .models.llava import Model, ModelArgs
+from .models.clip import clip_vision_config, vision_model_name
+from .models.llava import Model, ModelArgs, llava_config
 
 # What `load` fetches of a hub repository already in MLX format.
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
@@ -106,11 +107,15 @@ def load_weights(path: Path) -> dict:
     return weights
 
 
-def build_model(config: dict) -> Model:
+def check_llava(config: dict):
     if config.get("model_type", "llava") not in ("llava", "llava_llama", "llava_mistral"):
         raise LlavaError(f"unknown architecture {config.get('model_type')!r}: not a LLaVA model")
     if "text_config" not in config:
         raise LlavaError("config.json has no text_config: not a llava-hf style LLaVA directory")
+
+
+def build_model(config: dict) -> Model:
+    check_llava(config)
     return Model(ModelArgs.from_dict(config))
 
 
@@ -130,15 +135,16 @@ def apply_quantization(model: nn.Module, config: dict, weights: dict):
 
 
 def load_model(path, lazy: bool = False):
-    """-> (Model, config) from a model directory."""
+    """-> (Model, config) from a model directory; the config complete, in
+    the spelling our model reads (see `llava_config`), whichever the file has."""
     path = Path(path)
     config = load_config(path)
+    check_llava(config)
+    config = llava_config(config)
     weights = load_weights(path)
     # mlx-lm would tie the output layer to the embeddings unless told, silently
     # dropping Vicuna's own lm_head: decide from the checkpoint itself.
-    config.setdefault("text_config", {})["tie_word_embeddings"] = not any(
-        k.endswith("lm_head.weight") for k in weights
-    )
+    config["text_config"]["tie_word_embeddings"] = not any(k.endswith("lm_head.weight") for k in weights)
     model = build_model(config)
     weights = model.sanitize(weights)
     apply_quantization(model, config, weights)
@@ -152,21 +158,39 @@ def load_model(path, lazy: bool = False):
     return model, config
 
 
-def read_clip(path) -> tuple:
-    """A CLIP directory (CLIPModel or CLIPVisionModel, transformers layout)
-    -> (vision_config, vision tower weights under our names, preprocessor dict)."""
+def read_clip_config(path) -> tuple:
+    """(complete vision config, preprocessor dict) of a CLIP folder in any of
+    its spellings (see models/clip.py); one LlavaError line when it is not one."""
     path = Path(path)
     config = load_config(path)
-    vision = config.get("vision_config") if config.get("model_type") == "clip" else config
-    if not vision or vision.get("model_type", "clip_vision_model") != "clip_vision_model":
+    vision = clip_vision_config(config)
+    if vision is None:
         raise LlavaError(f"{path} is not a CLIP vision tower (model_type {config.get('model_type')!r})")
-    weights = {
-        "vision_tower." + k: v for k, v in load_weights(path).items() if k.startswith("vision_model.")
-    }
-    if not weights:
-        raise LlavaError(f"{path} has no vision_model.* weights")
     pre = path / "preprocessor_config.json"
-    return dict(vision), weights, json.loads(pre.read_text()) if pre.exists() else None
+    if pre.is_file():
+        return vision, json.loads(pre.read_text())
+    size = vision["image_size"]
+    return vision, {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}}
+
+
+def clip_weights(items, path) -> dict:
+    """A CLIP checkpoint's (name, tensor) pairs -> its vision tower's, under
+    our names (`vision_tower.vision_model.*`); the rest is dropped."""
+    out = {}
+    for key, value in items:
+        name = vision_model_name(key)
+        if name is not None:
+            out["vision_tower." + name] = value
+    if not out:
+        raise LlavaError(f"{path} has no CLIP vision tower weights (vision_model.*, or embeddings.* and encoder.*)")
+    return out
+
+
+def read_clip(path) -> tuple:
+    """A CLIP directory (safetensors) -> (vision config, vision tower weights
+    under our names, preprocessor dict)."""
+    vision, preprocessor = read_clip_config(path)
+    return vision, clip_weights(load_weights(path).items(), path), preprocessor
 
 
 def assemble(language_model, vision_tower, projector_type: str = "mlp2x_gelu", conv_mode=None):
@@ -188,7 +212,7 @@ def assemble(language_model, vision_tower, projector_type: str = "mlp2x_gelu", c
     attach_chat_template(tokenizer, lm_path)
     # The original leaves <image> out of the vocabulary; use it where a tokenizer has it.
     image_token = tokenizer.get_vocab().get(IMAGE_TOKEN, text_config["vocab_size"])
-    config = {
+    config = llava_config({
         "model_type": "llava",
         "architectures": ["LlavaForConditionalGeneration"],
         "text_config": text_config,
@@ -201,7 +225,7 @@ def assemble(language_model, vision_tower, projector_type: str = "mlp2x_gelu", c
         "image_aspect_ratio": "pad",
         # LLaVA-1.5's training template, unless the language model brings its own.
         "conv_mode": conv_mode or ("chat_template" if has_chat_template(tokenizer) else "vicuna_v1"),
-    }
+    })
     if lm_config.get("quantization"):
         config["quantization"] = lm_config["quantization"]
     model = build_model(config)
@@ -211,13 +235,9 @@ def assemble(language_model, vision_tower, projector_type: str = "mlp2x_gelu", c
     apply_quantization(model, config, weights)
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
-    size = vision_config.get("image_size", 224)
-    image_config = ImageConfig.from_preprocessor_config(
-        preprocessor or {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}},
-        "pad",
-    )
+    image_config = ImageConfig.from_preprocessor_config(preprocessor, "pad")
     processor = Processor(tokenizer, image_config, image_token, model.num_visual_tokens,
-                          config["conv_mode"], text_config.get("max_position_embeddings") or 4096,
+                          config["conv_mode"], config["text_config"].get("max_position_embeddings") or 4096,
                           legacy=tokenizer_legacy(lm_path))
     return model, config, processor
 

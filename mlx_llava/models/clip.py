@@ -3,15 +3,23 @@
 Weight names follow transformers' CLIPVisionModel (`vision_model.*`), so
 llava-hf, mlx-vlm and original checkpoints load with light renaming. Images
 are channels-last (N, H, W, 3), as MLX convolutions want.
+
+`clip_vision_config` and `vision_model_name` read a CLIP folder in every
+spelling it comes in: the hub's CLIPModel (`vision_model.*` beside
+`text_model.*` and the projections, config `model_type: clip`), and
+CLIPVisionModel as transformers 4 saves it (`vision_model.*`) or 5
+(`embeddings.*`, `encoder.*`, ... with no prefix).
 """
 
-from dataclasses import dataclass
-from typing import List
+from dataclasses import asdict, dataclass
+from typing import List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_lm.models.base import BaseModelArgs
+
+from ..errors import LlavaError
 
 
 @dataclass
@@ -34,8 +42,49 @@ class VisionConfig(BaseModelArgs):
         return (self.image_size // self.patch_size) ** 2
 
 
-# CLIP's quick_gelu, x * sigmoid(1.702 x), is exactly mlx's gelu_fast_approx.
-ACTIVATIONS = {"quick_gelu": nn.gelu_fast_approx, "gelu": nn.gelu}
+def vision_config_with_defaults(vision: dict) -> dict:
+    """A vision config with CLIPVisionConfig's defaults where it is silent
+    (transformers 4 saves only what differs from them); its own values win."""
+    return {**asdict(VisionConfig()), **vision}
+
+
+# Keys of a CLIP folder's config.json that describe the file, not the tower.
+NOT_VISION = ("architectures", "transformers_version", "dtype", "torch_dtype")
+
+
+def clip_vision_config(config: dict) -> Optional[dict]:
+    """The complete vision tower config in a CLIP folder's config.json: a
+    CLIPVisionModel's own fields, or a CLIPModel's `vision_config` (older
+    saves repeat it as `vision_config_dict`, which transformers lets win).
+    None when the config is not a CLIP vision tower's."""
+    if config.get("model_type") == "clip":
+        config = {**(config.get("vision_config") or {}), **(config.get("vision_config_dict") or {})}
+    if config.get("model_type", "clip_vision_model") != "clip_vision_model":
+        return None
+    own = {k: v for k, v in config.items() if not k.startswith("_") and k not in NOT_VISION}
+    return vision_config_with_defaults({**own, "model_type": "clip_vision_model"})
+
+
+# The vision transformer's parts, as CLIPVisionModel names them under `vision_model.`.
+VISION_PARTS = ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")
+
+
+def vision_model_name(key: str) -> Optional[str]:
+    """A CLIP checkpoint's tensor name -> ours under VisionTower
+    (`vision_model.*`), or None for what is no part of it: a CLIPModel's
+    text half and projections, position-id buffers."""
+    key = key.removeprefix("vision_model.")
+    if not key.startswith(VISION_PARTS) or key.endswith("position_ids"):
+        return None
+    return "vision_model." + key
+
+
+# CLIP's quick_gelu, x * sigmoid(1.702 x), is exactly mlx's gelu_fast_approx;
+# gelu_approx is transformers' tanh approximation (gelu_new, gelu_pytorch_tanh).
+ACTIVATIONS = {
+    "quick_gelu": nn.gelu_fast_approx, "gelu": nn.gelu,
+    "gelu_new": nn.gelu_approx, "gelu_pytorch_tanh": nn.gelu_approx,
+}
 
 
 class Attention(nn.Module):
@@ -62,7 +111,7 @@ class MLP(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         if config.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"unsupported CLIP activation {config.hidden_act!r}")
+            raise LlavaError(f"unsupported CLIP activation {config.hidden_act!r} ({', '.join(ACTIVATIONS)})")
         self.act = ACTIVATIONS[config.hidden_act]
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)

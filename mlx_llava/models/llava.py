@@ -15,7 +15,7 @@ from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.utils import _get_classes
 
 from ..errors import LlavaError
-from .clip import VisionConfig, VisionTower
+from .clip import VisionConfig, VisionTower, vision_config_with_defaults
 from .projector import Projector
 
 # transformers' defaults for the fields a sparse llava-hf `text_config` leaves
@@ -48,16 +48,56 @@ LLAVA_VISION = dict(
 
 
 def text_config_with_defaults(text_config: dict) -> dict:
-    """A complete text config for mlx-lm from a possibly sparse llava-hf one."""
+    """A complete text config for mlx-lm from a llava-hf (or language model's)
+    one, sparse or full, in transformers 4's spelling or 5's.
+
+    Every value the file has wins; the architecture's transformers defaults
+    fill only what it leaves out. Idempotent."""
     config = dict(text_config)
-    model_type = config.setdefault("model_type", "llama")
-    config = {**TEXT_DEFAULTS.get(model_type, {}), **config}
-    # transformers 5 writes rope_theta (and any scaling) inside rope_parameters.
-    rope = config.pop("rope_parameters", None)
-    if rope:
-        config.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
-        if rope.get("rope_type", "default") != "default":
-            config.setdefault("rope_scaling", rope)
+    model_type = config.get("model_type") or "llama"
+    config = {**TEXT_DEFAULTS.get(model_type, {}), **config, "model_type": model_type}
+    return {**config, **rope_fields(config)}
+
+
+def rope_fields(config: dict) -> dict:
+    """`rope_theta` and `rope_scaling` as mlx-lm reads them (transformers 4's
+    spelling) from either spelling, with transformers' precedence: the
+    scaling dict (`rope_scaling`, else 5's `rope_parameters`) and the theta
+    inside it win over a top-level `rope_theta`, which wins over the default."""
+    params = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
+    out = {}
+    theta = params.get("rope_theta", config.get("rope_theta"))
+    if theta is not None:  # else the architecture's own default, in mlx-lm
+        out["rope_theta"] = theta
+    rope_type = params.pop("type", None)  # transformers 4's older key; rope_type wins
+    rope_type = params.get("rope_type") or rope_type or "default"
+    if rope_type == "default":
+        out["rope_scaling"] = None
+        return out
+    scaling = {**params, "rope_type": rope_type}
+    if rope_type in ("llama3", "yarn", "longrope") and config.get("max_position_embeddings"):
+        # transformers 5 assumes the model was pretrained at its full length.
+        scaling.setdefault("original_max_position_embeddings", config["max_position_embeddings"])
+    out["rope_scaling"] = scaling
+    return out
+
+
+def llava_config(config: dict) -> dict:
+    """A LLaVA config.json in any spelling we read -> the one our model is
+    built from: complete text and vision configs (values in the file win,
+    defaults fill the rest) and the image token as `image_token_index`
+    (transformers 5 may write `image_token_id`). Idempotent."""
+    config = dict(config)
+    if "image_token_id" in config:
+        token_id = config.pop("image_token_id")
+        index = config.setdefault("image_token_index", token_id)
+        if index != token_id:
+            raise LlavaError(
+                f"config.json gives two image tokens: image_token_index {index} and image_token_id {token_id}"
+            )
+    config["text_config"] = text_config_with_defaults(config.get("text_config") or {})
+    vision = config.get("vision_config") or {"model_type": "clip_vision_model", **LLAVA_VISION}
+    config["vision_config"] = vision_config_with_defaults(vision)
     return config
 
 
@@ -74,16 +114,12 @@ class ModelArgs(BaseModelArgs):
     multimodal_projector_bias: bool = True
 
     def __post_init__(self):
-        self.text_config = text_config_with_defaults(self.text_config)
-        if self.vision_config is None:
-            self.vision_config = {"model_type": "clip_vision_model", **LLAVA_VISION}
+        complete = llava_config({"text_config": self.text_config, "vision_config": self.vision_config})
+        self.text_config, self.vision_config = complete["text_config"], complete["vision_config"]
 
     @classmethod
     def from_dict(cls, params):
-        params = dict(params)
-        if "image_token_id" in params and "image_token_index" not in params:
-            params["image_token_index"] = params["image_token_id"]
-        return super().from_dict(params)
+        return super().from_dict(llava_config(params))
 
     @property
     def feature_layers(self) -> List[int]:
@@ -130,14 +166,17 @@ class Model(nn.Module):
         model_class, args_class = language_model_classes(args.text_config)
         text = args_class.from_dict(args.text_config)
         self.vision_tower = VisionTower(vision)
-        self.language_model = model_class(text)
-        self.multi_modal_projector = Projector(
-            args.projector_type,
-            vision.hidden_size * len(args.feature_layers),
-            args.text_config["hidden_size"],
-            bias=args.multimodal_projector_bias,
-            hidden_act=args.projector_hidden_act,
-        )
+        try:
+            self.language_model = model_class(text)
+            self.multi_modal_projector = Projector(
+                args.projector_type,
+                vision.hidden_size * len(args.feature_layers),
+                args.text_config["hidden_size"],
+                bias=args.multimodal_projector_bias,
+                hidden_act=args.projector_hidden_act,
+            )
+        except ValueError as e:  # an unknown rope type, projector or activation in config.json
+            raise LlavaError(f"cannot build this LLaVA: {e}") from None
 
     @property
     def num_visual_tokens(self) -> int:
