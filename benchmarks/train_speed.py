@@ -30,8 +30,8 @@ from mlx.utils import tree_flatten
 def build_parts(out: Path, n_images: int):
     from mlx_lm.models import llama
 
-    from mlx_llava.datagen import build_dataset
-    from mlx_llava.demo.clip import Clip, save_vision_tower
+    from mlx_llava.demo.dataset import build_dataset
+    from mlx_llava.demo.clip_pretrain import Clip, save_vision_tower
     from mlx_llava.demo.tokenizer import train_tokenizer
     from mlx_llava.image import ImageConfig
     from mlx_llava.models.clip import VisionConfig

@@ -1,4 +1,4 @@
-"""`mlx-llava datagen`: make training data (the synthetic world, stage 1, stage 2)."""
+"""`mlx-llava datagen`: the paper's training data (stage-1 captions, LLM-taught instructions)."""
 
 import json
 from pathlib import Path
@@ -10,27 +10,9 @@ from typing_extensions import Annotated
 from . import app
 
 Opt = typer.Option
-datagen = typer.Typer(help="Make training data: the synthetic world, stage-1 captions, LLM-taught instructions.",
+datagen = typer.Typer(help="Make training data as the paper did: stage-1 captions, LLM-taught instructions.",
                       no_args_is_help=True)
 app.add_typer(datagen, name="datagen")
-
-
-@datagen.command()
-def world(
-    output: Annotated[str, Opt("--output", "-o", help="Dataset folder to write.")],
-    train: Annotated[int, Opt("--train", help="Training images.")] = 5000,
-    test: Annotated[int, Opt("--test", help="Held-out test images.")] = 500,
-    seed: Annotated[int, Opt("--seed")] = 0,
-    image_size: Annotated[int, Opt("--image-size", help="Image side in pixels (>= 48).")] = 64,
-    vqa_per_scene: Annotated[int, Opt("--vqa-per-scene", help="Short-answer (VQA) samples per training image.")] = 5,
-):
-    """The synthetic shapes world, taught by rules: images, COCO files, stage-1/2 data, eval questions."""
-    from mlx_llava.datagen import build_dataset
-
-    meta = build_dataset(output, n_train=train, n_test=test, seed=seed, image_size=image_size,
-                         vqa_per_scene=vqa_per_scene)
-    counts = ", ".join(f"{k} {v}" for k, v in meta["counts"].items())
-    print(f"wrote {output}: {train} train + {test} test images; samples: {counts}")
 
 
 @datagen.command()

@@ -1,4 +1,4 @@
-"""`mlx-llava demo`: rebuild the shipped demo model from scratch."""
+"""`mlx-llava demo`: the synthetic world, and the shipped demo model rebuilt from scratch."""
 
 from typing import List, Optional
 
@@ -17,7 +17,7 @@ app.add_typer(demo, name="demo")
 def train_demo(
     output: Annotated[str, Opt("--output", "-o", help="Working folder (reused by a rerun).")] = "demo-build",
     ablation: Annotated[bool, Opt("--ablation", help="Also train the paper's data ablation.")] = False,
-    variant: Annotated[Optional[List[str]], Opt("--variant", help="Stage-2 data: full+vqa (the shipped model), full, conversation, detail+reasoning, stage1.")] = None,
+    variant: Annotated[Optional[List[str]], Opt("--variant", help="Stage-2 data: full+short (the shipped model), full, conversation, detail+reasoning, stage1.")] = None,
     install: Annotated[bool, Opt("--install", help="Copy the result into the package as the default model.")] = False,
     seed: Annotated[int, Opt("--seed")] = 0,
 ):
@@ -37,3 +37,21 @@ def train_demo(
           f"(wall clock {summary['seconds']:.0f}s; the language model and the CLIP train side by side)")
     if install:
         print(f"installed {install_model(output, summary)}")
+
+
+@demo.command()
+def world(
+    output: Annotated[str, Opt("--output", "-o", help="Dataset folder to write.")],
+    train: Annotated[int, Opt("--train", help="Training images.")] = 5000,
+    test: Annotated[int, Opt("--test", help="Held-out test images.")] = 500,
+    seed: Annotated[int, Opt("--seed")] = 0,
+    image_size: Annotated[int, Opt("--image-size", help="Image side in pixels (>= 48).")] = 64,
+    short_answers_per_scene: Annotated[int, Opt("--short-answers-per-scene", help="Short-answer samples per training image.")] = 5,
+):
+    """The synthetic shapes world, taught by rules: images, COCO files, stage-1/2 data, eval questions."""
+    from mlx_llava.demo.dataset import build_dataset
+
+    meta = build_dataset(output, n_train=train, n_test=test, seed=seed, image_size=image_size,
+                         short_answers_per_scene=short_answers_per_scene)
+    counts = ", ".join(f"{k} {v}" for k, v in meta["counts"].items())
+    print(f"wrote {output}: {train} train + {test} test images; samples: {counts}")

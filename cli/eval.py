@@ -23,9 +23,9 @@ def evaluate(
 ):
     """Exact-match accuracy by question kind (colour, shape, count, position, relation)."""
     import mlx_llava
+    from mlx_llava.demo import evaluate_heldout as run
     from mlx_llava.demo import heldout_dir
     from mlx_llava.errors import LlavaError
-    from mlx_llava.eval import evaluate as run
     from mlx_llava.eval import load_questions, table
 
     models = {}

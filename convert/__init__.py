@@ -5,7 +5,7 @@
 
 The steps, each in its own module: fetch the source (`hub`), tell its layout
 and open it as unread tensors under our names (`formats`, `original`,
-`checkpoint`), decide and check every output tensor against the model
+`tensors`), decide and check every output tensor against the model
 `mlx_llava.load` will build (`writer.plan`, `writer.check`), then stream
 them into shards in a temporary folder beside the output, with the
 tokenizer, preprocessor, config.json and a model card (`files`), and rename

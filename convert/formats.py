@@ -28,7 +28,7 @@ from mlx_llava.errors import LlavaError
 from mlx_llava.models.llava import llava_config, rename, text_config_with_defaults
 from mlx_llava.weights import clip_weights, load_config, read_clip_config
 
-from .checkpoint import Tensor, model_files, read_files, safetensors_metadata
+from .tensors import Tensor, model_files, read_files, safetensors_metadata
 from .hub import fetch
 
 LLAVA_TYPES = ("llava", "llava_llama", "llava_mistral")

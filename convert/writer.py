@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten
 
 from mlx_llava.errors import LlavaError
 
-from .checkpoint import Tensor
+from .tensors import Tensor
 
 MAX_SHARD_BYTES = 5 * 10**9  # "at most 5 GB" per shard, as the hub counts
 _ST_DTYPES = {

@@ -6,7 +6,8 @@ import sys
 
 import mlx_llava
 from mlx_llava.demo import HERE, Recipe, build, heldout_dir, install_model
-from mlx_llava.eval import evaluate, load_questions
+from mlx_llava.demo import evaluate_heldout
+from mlx_llava.eval import load_questions
 from mlx_llava.weights import default_model
 
 REPORTED = json.loads((HERE / "results.json").read_text())
@@ -16,7 +17,7 @@ def test_shipped_model_answers_the_heldout_sample_at_the_reported_accuracy():
     """Loads from the installed package (no network) and scores what the README says."""
     model, processor = mlx_llava.load(default_model())
     questions = load_questions(heldout_dir() / "questions.json")
-    result = evaluate(model, processor, questions, heldout_dir() / "images")
+    result = evaluate_heldout(model, processor, questions, heldout_dir() / "images")
     reported = REPORTED["shipped_sample"]
     assert result["count"] == reported["count"] == len(questions)
     # Greedy decoding is deterministic; allow one answer of slack for other
@@ -52,33 +53,33 @@ def test_recipe_runs_end_to_end_at_toy_scale(tmp_path):
     recipe.clip.update(steps=2, batch_size=8, hidden_size=32, intermediate_size=64)
     recipe.stage1.update(batch_size=16)
     recipe.stage2.update(batch_size=16, epochs=1)
-    recipe.vqa.update(per_scene=2)
-    summary = build(tmp_path, recipe, variants=("full+vqa", "conversation", "stage1"), log=lambda *a: None)
-    assert set(summary["results"]) == {"full+vqa", "conversation", "stage1"}
-    for variant in ("full", "full+vqa", "conversation"):
+    recipe.short_answers.update(per_scene=2)
+    summary = build(tmp_path, recipe, variants=("full+short", "conversation", "stage1"), log=lambda *a: None)
+    assert set(summary["results"]) == {"full+short", "conversation", "stage1"}
+    for variant in ("full", "full+short", "conversation"):
         assert (tmp_path / f"stage2-{variant}" / "model" / "config.json").exists()
     data = [json.loads(l) for l in (tmp_path / "stage2-conversation" / "log.jsonl").read_text().splitlines()]
     assert data, "stage 2 trained"
     # The shipped variant: one pass over the short-answer data and a quarter of the mixture,
     # from the full mixture's model.
-    vqa = json.loads((tmp_path / "stage2-full+vqa" / "train_config.json").read_text())
-    assert vqa["model"] == str(tmp_path / "stage2-full" / "model")
-    assert vqa["data"] == str(tmp_path / "vqa-full+vqa.json") and vqa["batch_size"] == 16
-    passed = json.loads((tmp_path / "vqa-full+vqa.json").read_text())
-    short = json.loads((tmp_path / "data" / "vqa.json").read_text())
+    passed_config = json.loads((tmp_path / "stage2-full+short" / "train_config.json").read_text())
+    assert passed_config["model"] == str(tmp_path / "stage2-full" / "model")
+    assert passed_config["data"] == str(tmp_path / "short-full+short.json") and passed_config["batch_size"] == 16
+    passed = json.loads((tmp_path / "short-full+short.json").read_text())
+    short = json.loads((tmp_path / "data" / "short_answers.json").read_text())
     assert len(short) == 48 * 2
-    assert sorted(s["id"] for s in passed if s["type"] == "vqa") == sorted(s["id"] for s in short)
-    mixed = [s for s in passed if s["type"] != "vqa"]
+    assert sorted(s["id"] for s in passed if s["type"] == "short") == sorted(s["id"] for s in short)
+    mixed = [s for s in passed if s["type"] != "short"]
     assert len(mixed) == 48 * 3 // 4 and {s["type"] for s in mixed} == {"conversation", "detail", "reasoning"}
-    steps = (tmp_path / "stage2-full+vqa" / "log.jsonl").read_text().splitlines()
+    steps = (tmp_path / "stage2-full+short" / "log.jsonl").read_text().splitlines()
     assert len(steps) == len(passed) // 16
     # Then the further passes, each from the one before, over questions drawn afresh from the
     # same scenes; the last leans toward relations and counts, in larger batches.
-    for k, before in ((2, "stage2-full+vqa"), (3, "stage2-full+vqa-2")):
-        config = json.loads((tmp_path / f"stage2-full+vqa-{k}" / "train_config.json").read_text())
+    for k, before in ((2, "stage2-full+short"), (3, "stage2-full+short-2")):
+        config = json.loads((tmp_path / f"stage2-full+short-{k}" / "train_config.json").read_text())
         assert config["model"] == str(tmp_path / before / "model")
         assert config["batch_size"] == recipe.more_passes[k - 2]["batch_size"]
-        fresh = [s for s in json.loads((tmp_path / f"vqa-full+vqa-{k}.json").read_text()) if s["type"] == "vqa"]
+        fresh = [s for s in json.loads((tmp_path / f"short-full+short-{k}.json").read_text()) if s["type"] == "short"]
         assert len(fresh) == len(short) and fresh != short
     asked = [t["value"] for s in fresh for t in s["conversations"][::2]]
     relations, counts = sum(q.startswith(("Is the", "Which object")) for q in asked), sum("How many" in q for q in asked)
@@ -87,7 +88,7 @@ def test_recipe_runs_end_to_end_at_toy_scale(tmp_path):
     # The package gets the last pass's model.
     installed = install_model(tmp_path, summary, package_dir=tmp_path / "package")
     assert (installed / "model.safetensors").read_bytes() == (
-        tmp_path / "stage2-full+vqa-3" / "model" / "model.safetensors").read_bytes()
+        tmp_path / "stage2-full+short-3" / "model" / "model.safetensors").read_bytes()
     conversation_only = json.loads((tmp_path / "instruct-conversation.json").read_text())
     assert conversation_only and {s["type"] for s in conversation_only} == {"conversation"}
     # The CLIP starts with position embeddings as loud as patch content (MLX's default is ~0.09).
@@ -96,13 +97,14 @@ def test_recipe_runs_end_to_end_at_toy_scale(tmp_path):
     position = load_weights(tmp_path / "clip")["vision_model.embeddings.position_embedding.weight"]
     assert 0.5 < position.std().item() < 2
     # A rerun reuses every finished step.
-    again = build(tmp_path, recipe, variants=("full+vqa",), log=lambda *a: None)
+    again = build(tmp_path, recipe, variants=("full+short",), log=lambda *a: None)
     assert not any(k in again["timings"] for k in ("language_model", "clip", "stage1", "stage2-full",
-                                                    "stage2-full+vqa"))
+                                                    "stage2-full+short"))
 
 
 def test_region_phrases_name_what_and_where(tmp_path):
-    from mlx_llava.datagen import make_scenes, read_coco, write_coco
+    from mlx_llava.datagen import read_coco
+    from mlx_llava.demo.world import make_scenes, write_coco
     from mlx_llava.demo.recipe import region_phrases
 
     scenes = make_scenes(6, seed=3, image_size=72)
@@ -118,7 +120,7 @@ def test_tokenizer_makes_fixed_phrases_one_token_and_round_trips(tmp_path):
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     from mlx_llava.conversation import get_template, render
-    from mlx_llava.datagen.rules import SHORT_ANSWER
+    from mlx_llava.demo.rules import SHORT_ANSWER
     from mlx_llava.demo.tokenizer import train_tokenizer
 
     system = get_template("vicuna_v1").system

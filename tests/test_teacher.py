@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_llava.datagen import DETAIL_INSTRUCTIONS, make_scenes, read_coco, write_coco
+from mlx_llava.datagen import DETAIL_INSTRUCTIONS, read_coco
 from mlx_llava.datagen.prompts import PROMPTS
 from mlx_llava.datagen.teacher import (
     TYPES,
@@ -33,6 +33,7 @@ from mlx_llava.datagen.teacher import (
     parse_types,
     symbolic_context,
 )
+from mlx_llava.demo.world import make_scenes, write_coco
 from mlx_llava.errors import LlavaError
 
 # ---------------------------------------------------------------- the prompt
@@ -388,13 +389,13 @@ def test_mlx_teacher_missing_directory(tmp_path):
 # ---------------------------------------------------------------- the CLI
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "mlx_llava.cli", "datagen", *map(str, args)],
+def run(*args, group="datagen"):
+    return subprocess.run([sys.executable, "-m", "mlx_llava.cli", group, *map(str, args)],
                           capture_output=True, text=True, timeout=300)
 
 
 def test_cli_world(tmp_path):
-    result = run("world", "--output", tmp_path / "world", "--train", 3, "--test", 2, "--image-size", 48)
+    result = run("world", "--output", tmp_path / "world", "--train", 3, "--test", 2, "--image-size", 48, group="demo")
     assert result.returncode == 0, result.stderr
     meta = json.loads((tmp_path / "world" / "meta.json").read_text())
     assert meta["n_train"] == 3 and meta["image_size"] == 48

@@ -14,23 +14,10 @@ import re
 import numpy as np
 import pytest
 
-from mlx_llava.datagen import (
-    BRIEF_INSTRUCTIONS,
-    DETAIL_INSTRUCTIONS,
-    SHORT_ANSWER,
-    build_dataset,
-    eval_questions,
-    exact_match,
-    instruct_samples,
-    make_scenes,
-    read_coco,
-    render,
-    scene_from_record,
-    stage1_samples,
-    write_coco,
-)
-from mlx_llava.datagen.rules import FAMILIES
-from mlx_llava.datagen.world import BACKGROUNDS, COLOURS, layout_key, split_of
+from mlx_llava.datagen import BRIEF_INSTRUCTIONS, DETAIL_INSTRUCTIONS, read_coco, stage1_samples
+from mlx_llava.demo.dataset import build_dataset
+from mlx_llava.demo.rules import FAMILIES, SHORT_ANSWER, eval_questions, exact_match, instruct_samples
+from mlx_llava.demo.world import BACKGROUNDS, COLOURS, layout_key, make_scenes, render, scene_from_record, split_of, write_coco
 from mlx_llava.errors import LlavaError
 
 # The paper's "brief image description" list (Liu et al. 2023, appendix).
@@ -373,18 +360,18 @@ def test_instruct_samples_are_true_and_well_formed(scenes):
     assert short > len(scenes)
 
 
-def test_vqa_samples_are_true_and_fresh(scenes):
+def test_short_answer_samples_are_true_and_fresh(scenes):
     from collections import Counter
 
-    from mlx_llava.datagen.rules import KINDS, vqa_samples
+    from mlx_llava.demo.rules import KINDS, short_answer_samples
 
-    samples = vqa_samples(scenes, seed=2, per_scene=3, turns=5)
-    assert samples == vqa_samples(scenes, seed=2, per_scene=3, turns=5)
+    samples = short_answer_samples(scenes, seed=2, per_scene=3, turns=5)
+    assert samples == short_answer_samples(scenes, seed=2, per_scene=3, turns=5)
     assert len(samples) == 3 * len(scenes) and len({s["id"] for s in samples}) == len(samples)
     by_file = {s.file_name: s for s in scenes}
     kinds, per_image = Counter(), {}
     for sample in samples:
-        assert sample["type"] == "vqa" and set(sample) == {"id", "image", "type", "conversations"}
+        assert sample["type"] == "short" and set(sample) == {"id", "image", "type", "conversations"}
         turns = sample["conversations"]
         assert [t["from"] for t in turns] == ["human", "gpt"] * 5
         assert turns[0]["value"].startswith("<image>\n") and all("<image>" not in t["value"] for t in turns[1:])
@@ -400,14 +387,14 @@ def test_vqa_samples_are_true_and_fresh(scenes):
     assert set(kinds) == set(KINDS)  # every held-out kind, and only those
 
 
-def test_vqa_kind_weights(scenes):
+def test_short_answer_kind_weights(scenes):
     """`weights` draws the kinds in proportion; a kind of weight 0 is never asked."""
     from collections import Counter
 
-    from mlx_llava.datagen.rules import vqa_samples
+    from mlx_llava.demo.rules import short_answer_samples
 
     weights = dict(colour=0, shape=1, count=1, position=1, relation=6)
-    samples = vqa_samples(scenes, seed=3, per_scene=2, turns=6, weights=weights)
+    samples = short_answer_samples(scenes, seed=3, per_scene=2, turns=6, weights=weights)
     by_file = {s.file_name: s for s in scenes}
     kinds = Counter()
     for sample in samples:
@@ -597,11 +584,11 @@ def test_build_dataset(tmp_path):
     assert len(list(images.glob("*.png"))) == 40
     stage1 = json.loads((tmp_path / "stage1.json").read_text())
     instruct = json.loads((tmp_path / "instruct.json").read_text())
-    vqa = json.loads((tmp_path / "vqa.json").read_text())
+    short = json.loads((tmp_path / "short_answers.json").read_text())
     evaluation = json.loads((tmp_path / "eval.json").read_text())
-    assert len(stage1) == 30 * 5 and len(instruct) == 30 * 3 and len(vqa) == 30 * 5 == meta["counts"]["vqa"]
-    assert all((images / x["image"]).exists() for x in stage1 + instruct + vqa + evaluation)
-    assert all(x["image"].startswith("train_") for x in stage1 + instruct + vqa)
+    assert len(stage1) == 30 * 5 and len(instruct) == 30 * 3 and len(short) == 30 * 5 == meta["counts"]["short_answers"]
+    assert all((images / x["image"]).exists() for x in stage1 + instruct + short + evaluation)
+    assert all(x["image"].startswith("train_") for x in stage1 + instruct + short)
     assert all(x["image"].startswith("test_") for x in evaluation)
     assert {x["kind"] for x in evaluation} <= {"colour", "shape", "count", "position", "relation"}
     assert (
@@ -612,7 +599,7 @@ def test_build_dataset(tmp_path):
 def test_ask_position_asks_about_the_object_given():
     import random
 
-    from mlx_llava.datagen.rules import ask_position
+    from mlx_llava.demo.rules import ask_position
 
     for scene in make_scenes(40, seed=5, image_size=72):
         for o in scene.objects:

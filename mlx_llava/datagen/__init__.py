@@ -1,46 +1,15 @@
-"""Instruction data: the synthetic visual world and the paper's data pipeline.
+"""The paper's instruction-data pipeline.
 
-`world` draws scenes of coloured shapes and writes them as COCO files;
-`rules` plays the paper's text-only teacher on a scene's symbols, writing
-conversation / detail / reasoning samples, short-answer (VQA) samples and
-held-out questions;
-`stage1` makes stage-1 caption instructions and builds the dataset folder.
+LLaVA made its data with a text-only teacher: GPT-4 read each COCO image's
+captions and boxes (`coco`) and wrote conversations, detailed descriptions
+and complex reasoning, prompted with the paper's system messages and
+few-shot examples (`prompts`); `teacher` runs that with any OpenAI-compatible
+endpoint or an mlx-lm model. Stage 1's data are image-caption pairs asked
+for briefly (`captions`).
 """
 
-from .rules import (
-    SHORT_ANSWER,
-    conversation,
-    detail,
-    eval_questions,
-    exact_match,
-    instruct_samples,
-    normalize_answer,
-    reasoning,
-    vqa_samples,
-)
-from .stage1 import BRIEF_INSTRUCTIONS, DETAIL_INSTRUCTIONS, build_dataset, stage1_samples
-from .world import IMAGE_SIZE, Object, Scene, make_scenes, read_coco, render, scene_from_record, write_coco
+from .captions import stage1_samples
+from .coco import read_coco
+from .prompts import BRIEF_INSTRUCTIONS, DETAIL_INSTRUCTIONS
 
-__all__ = [
-    "IMAGE_SIZE",
-    "Object",
-    "Scene",
-    "make_scenes",
-    "render",
-    "write_coco",
-    "read_coco",
-    "scene_from_record",
-    "SHORT_ANSWER",
-    "conversation",
-    "detail",
-    "reasoning",
-    "instruct_samples",
-    "vqa_samples",
-    "eval_questions",
-    "exact_match",
-    "normalize_answer",
-    "BRIEF_INSTRUCTIONS",
-    "DETAIL_INSTRUCTIONS",
-    "stage1_samples",
-    "build_dataset",
-]
+__all__ = ["read_coco", "stage1_samples", "BRIEF_INSTRUCTIONS", "DETAIL_INSTRUCTIONS"]

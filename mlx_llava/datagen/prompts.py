@@ -20,7 +20,7 @@ complex_reasoning}/`: `system_message.txt`, and for each example
 - Conversation and reasoning responses are turns written as lines:
   "Question:", the question, "===", "Answer:", the answer, with a line "==="
   between turns. A detail response is plain prose; its question is drawn
-  from the paper's list (`stage1.DETAIL_INSTRUCTIONS`).
+  from the paper's list (`DETAIL_INSTRUCTIONS`).
 """
 
 from __future__ import annotations
@@ -324,3 +324,40 @@ PROMPTS = {
     "detail": Prompt(DETAIL_SYSTEM, DETAIL_EXAMPLES, boxes=True),
     "reasoning": Prompt(REASONING_SYSTEM, REASONING_EXAMPLES, boxes=True),
 }
+
+
+# The paper's list for brief descriptions (stage 1), as in its appendix.
+BRIEF_INSTRUCTIONS = (
+    "Describe the image concisely.",
+    "Provide a brief description of the given image.",
+    "Offer a succinct explanation of the picture presented.",
+    "Summarize the visual content of the image.",
+    "Give a short and clear explanation of the subsequent image.",
+    "Share a concise interpretation of the image provided.",
+    "Present a compact description of the photo's key features.",
+    "Relay a brief, clear account of the picture shown.",
+    "Render a clear and concise summary of the photo.",
+    "Write a terse but informative summary of the picture.",
+    "Create a compact narrative representing the image presented.",
+)
+
+# The paper's list for detailed descriptions (the detail type). The paper
+# prints them without a final period; one is added so they read as sentences.
+DETAIL_INSTRUCTIONS = (
+    "Describe the following image in detail.",
+    "Provide a detailed description of the given image.",
+    "Give an elaborate explanation of the image you see.",
+    "Share a comprehensive rundown of the presented image.",
+    "Offer a thorough analysis of the image.",
+    "Explain the various aspects of the image before you.",
+    "Clarify the contents of the displayed image with great detail.",
+    "Characterize the image using a well-detailed description.",
+    "Break down the elements of the image in a detailed manner.",
+    "Walk through the important details of the image.",
+    "Portray the image with a rich, descriptive narrative.",
+    "Narrate the contents of the image with precision.",
+    "Analyze the image in a comprehensive and detailed manner.",
+    "Illustrate the image through a descriptive explanation.",
+    "Examine the image closely and share its details.",
+    "Write an exhaustive depiction of the given image.",
+)

@@ -40,9 +40,9 @@ from itertools import islice
 from pathlib import Path
 from typing import NamedTuple
 
+from ..conversation import IMAGE_PLACEHOLDER
 from ..errors import LlavaError
-from .prompts import PROMPTS
-from .stage1 import DETAIL_INSTRUCTIONS, IMAGE_TOKEN
+from .prompts import DETAIL_INSTRUCTIONS, PROMPTS
 
 TYPES = ("conversation", "detail", "reasoning")
 
@@ -110,7 +110,7 @@ _THINKING = re.compile(r"^\s*<think>.*?</think>", re.DOTALL)  # reasoning models
 
 
 def _clean(text: str) -> str:
-    return _THINKING.sub("", text).replace(IMAGE_TOKEN, "").strip()
+    return _THINKING.sub("", text).replace(IMAGE_PLACEHOLDER, "").strip()
 
 
 def parse_turns(text: str) -> list[tuple[str, str]]:
@@ -158,7 +158,7 @@ def make_sample(record: dict, kind: str, reply: Reply | str, rng: random.Random)
     conversations = []
     for i, (question, answer) in enumerate(turns):
         if i == 0:
-            question = f"{IMAGE_TOKEN}\n{question}" if rng.random() < 0.5 else f"{question}\n{IMAGE_TOKEN}"
+            question = f"{IMAGE_PLACEHOLDER}\n{question}" if rng.random() < 0.5 else f"{question}\n{IMAGE_PLACEHOLDER}"
         conversations += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
     return {"id": sample_id(record), "image": record["file_name"], "type": kind, "conversations": conversations}
 

@@ -9,7 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .recipe import SHIPPED, VARIANTS, Recipe, build, variant_dir
+from .recipe import SHIPPED, VARIANTS, Recipe, build, evaluate_heldout, variant_dir
 
 HERE = Path(__file__).parent
 HELDOUT_SCENES = 40  # held-out images shipped with the package for a quick check
@@ -35,12 +35,11 @@ def install_model(build_dir, summary: dict, package_dir=HERE) -> Path:
         shutil.copy(build_dir / "data" / "images" / name, heldout / "images" / name)
     (heldout / "questions.json").write_text(json.dumps(sample, indent=1))
     from .. import load
-    from ..eval import evaluate
 
-    shipped = evaluate(*load(model), sample, heldout / "images")
+    shipped = evaluate_heldout(*load(model), sample, heldout / "images")
     summary = {**summary, "shipped_sample": {k: v for k, v in shipped.items() if k != "answers"}}
     (package_dir / "results.json").write_text(json.dumps(summary, indent=2))
     return model
 
 
-__all__ = ["Recipe", "build", "install_model", "heldout_dir", "VARIANTS"]
+__all__ = ["Recipe", "build", "install_model", "heldout_dir", "evaluate_heldout", "VARIANTS"]

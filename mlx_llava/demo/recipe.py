@@ -7,7 +7,7 @@
    and a small CLIP trained contrastively on image-caption pairs and on
    object-phrase pairs from the boxes;
 4. LLaVA stage 1 (projector alignment) and stage 2 (instruction tuning, then
-   passes over short-answer VQA data, as LLaVA-1.5 adds VQAv2 and GQA),
+   passes over short-answer data, as LLaVA-1.5 adds VQAv2 and GQA),
    through `mlx_llava.train`, the same code as `mlx-llava train`;
 5. held-out exact-match accuracy, and the paper's data ablation.
 
@@ -23,17 +23,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..conversation import get_template, render
-from ..datagen.rules import SHORT_ANSWER, vqa_samples
-from ..datagen.world import scene_from_record
 from ..errors import LlavaError
+from .rules import SHORT_ANSWER, exact_match, short_answer_samples
+from .world import scene_from_record
 
-# The ablation, as the paper's Table 4: what stage 2 is trained on. "vqa":
-# after the instruction mixture, passes over short-answer data (vqa.json, then
+# The ablation, as the paper's Table 4: what stage 2 is trained on. "short":
+# after the instruction mixture, passes over short-answer data (short_answers.json, then
 # Recipe.more_passes), as the paper fine-tunes on ScienceQA after instruction
 # tuning; the shipped model.
-SHIPPED = "full+vqa"
+SHIPPED = "full+short"
 VARIANTS = {
-    "full+vqa": ("conversation", "detail", "reasoning", "vqa"),
+    "full+short": ("conversation", "detail", "reasoning", "short"),
     "full": ("conversation", "detail", "reasoning"),
     "conversation": ("conversation",),
     "detail+reasoning": ("detail", "reasoning"),
@@ -64,19 +64,19 @@ class Recipe:
     # The pass over the short-answer data, each of its samples once, in batches of 16,
     # with a share of the mixture's samples among them, so that the model still
     # describes and reasons in sentences when not asked for a word.
-    vqa: dict = field(default_factory=lambda: dict(per_scene=5, mixture_share=0.25, batch_size=16, epochs=1))
+    short_answers: dict = field(default_factory=lambda: dict(per_scene=5, mixture_share=0.25, batch_size=16, epochs=1))
     # Then more passes, each from the one before, over as many questions drawn afresh
     # from the same training scenes (with the same share of the mixture). The lookup
     # by content is learned late, and relations only after it, with many of them in
     # each step: so the batches grow, and the last pass leans toward counts and
-    # relations, the kinds learned last (README, "The demo model").
+    # relations, the kinds learned last (research/NOTES.md).
     more_passes: list = field(default_factory=lambda: [
         dict(kinds=dict(colour=1, shape=1, count=1, position=1, relation=1), batch_size=32),
         dict(kinds=dict(colour=1, shape=1, count=2, position=1, relation=3), batch_size=64, epochs=2)])
 
     def pass_settings(self) -> dict:
         """The short-answer pass's training settings: stage 2's, with the pass's batch and epochs."""
-        return {**self.stage2, **{k: v for k, v in self.vqa.items() if k not in ("per_scene", "mixture_share")}}
+        return {**self.stage2, **{k: v for k, v in self.short_answers.items() if k not in ("per_scene", "mixture_share")}}
 
 
 def variant_dir(out, variant: str, recipe: Recipe) -> Path:
@@ -84,8 +84,15 @@ def variant_dir(out, variant: str, recipe: Recipe) -> Path:
     types, out = VARIANTS[variant], Path(out)
     if types is None:
         return out / "stage1" / "model"
-    passes = 1 + len(recipe.more_passes) if "vqa" in types else 1
+    passes = 1 + len(recipe.more_passes) if "short" in types else 1
     return out / (f"stage2-{variant}-{passes}" if passes > 1 else f"stage2-{variant}") / "model"
+
+
+def evaluate_heldout(model, processor, questions, image_folder, **kwargs) -> dict:
+    """Held-out exact-match accuracy by kind, the world's answers normalised (`rules.exact_match`)."""
+    from ..eval import evaluate
+
+    return evaluate(model, processor, questions, image_folder, match=exact_match, **kwargs)
 
 
 def pass_samples(short: list, mixture: list, share: float, seed: int) -> list:
@@ -99,7 +106,7 @@ def pass_samples(short: list, mixture: list, share: float, seed: int) -> list:
 
 def build(out, recipe: Recipe = None, variants=(SHIPPED,), log=print) -> dict:
     """Run the recipe into `out`; returns {variant: held-out results} and timings."""
-    from ..datagen import build_dataset
+    from .dataset import build_dataset
     from ..train import TrainConfig, train
     from .tokenizer import train_tokenizer
 
@@ -132,8 +139,8 @@ def build(out, recipe: Recipe = None, variants=(SHIPPED,), log=print) -> dict:
             finished(name, settings, time.perf_counter() - tic)
 
     data = out / "data"
-    step("data", [r.seed, r.n_train, r.n_test, r.image_size, r.vqa["per_scene"]],
-         lambda p: build_dataset(p, r.n_train, r.n_test, r.seed, r.image_size, r.vqa["per_scene"]))
+    step("data", [r.seed, r.n_train, r.n_test, r.image_size, r.short_answers["per_scene"]],
+         lambda p: build_dataset(p, r.n_train, r.n_test, r.seed, r.image_size, r.short_answers["per_scene"]))
     stage1, instruct = read_data(out)
     texts = world_texts(stage1, instruct, r.conv_mode)
     phrases = (get_template(r.conv_mode).system, SHORT_ANSWER) if r.phrase_tokens else ()
@@ -165,7 +172,7 @@ def build(out, recipe: Recipe = None, variants=(SHIPPED,), log=print) -> dict:
 
     results = {}
     from .. import load
-    from ..eval import evaluate, load_questions
+    from ..eval import load_questions
 
     questions = load_questions(data / "eval.json")
 
@@ -174,36 +181,36 @@ def build(out, recipe: Recipe = None, variants=(SHIPPED,), log=print) -> dict:
         types = VARIANTS[variant]
         if types is None:
             return out / "stage1" / "model"
-        name, mixture = f"stage2-{variant}", [t for t in types if t != "vqa"]
+        name, mixture = f"stage2-{variant}", [t for t in types if t != "short"]
         samples = [s for s in instruct if s["type"] in mixture]
         start, settings, key = out / "stage1" / "model", r.stage2, [upstream, r.stage1, r.stage2, mixture]
         data_file = out / f"instruct-{variant}.json"
-        if "vqa" in types:  # the mixture's model, then one pass over the short-answer data
+        if "short" in types:  # the mixture's model, then one pass over the short-answer data
             start = stage2(next(k for k, v in VARIANTS.items() if v is not None and list(v) == mixture))
             settings = r.pass_settings()
-            key, data_file = key + [r.vqa], out / f"vqa-{variant}.json"
+            key, data_file = key + [r.short_answers], out / f"short-{variant}.json"
 
         def run(path):
             chosen = samples
-            if "vqa" in types:
-                short = json.loads((data / "vqa.json").read_text())
-                chosen = pass_samples(short, samples, r.vqa["mixture_share"], r.seed)
+            if "short" in types:
+                short = json.loads((data / "short_answers.json").read_text())
+                chosen = pass_samples(short, samples, r.short_answers["mixture_share"], r.seed)
             data_file.write_text(json.dumps(chosen))
             train(TrainConfig(stage=2, model=str(start), method="full", data=str(data_file), output=str(path),
                               **settings, **common))
 
         step(name, key, run)
         model = out / name / "model"
-        return more_passes(variant, model, key, samples) if "vqa" in types else model
+        return more_passes(variant, model, key, samples) if "short" in types else model
 
     def more_passes(variant, model: Path, key: list, mixture: list) -> Path:
         """Recipe.more_passes, each from the model before it; returns the last one's model."""
         for k, extra in enumerate(r.more_passes, start=2):
-            name, key, data_file = f"stage2-{variant}-{k}", key + [extra], out / f"vqa-{variant}-{k}.json"
+            name, key, data_file = f"stage2-{variant}-{k}", key + [extra], out / f"short-{variant}-{k}.json"
 
             def run(path, start=model, extra=extra, seed=r.seed + k - 1, data_file=data_file):
-                short = vqa_samples(train_scenes(out), seed, r.vqa["per_scene"], weights=extra["kinds"])
-                data_file.write_text(json.dumps(pass_samples(short, mixture, r.vqa["mixture_share"], seed)))
+                short = short_answer_samples(train_scenes(out), seed, r.short_answers["per_scene"], weights=extra["kinds"])
+                data_file.write_text(json.dumps(pass_samples(short, mixture, r.short_answers["mixture_share"], seed)))
                 settings = {**r.pass_settings(), **{s: v for s, v in extra.items() if s != "kinds"}}
                 train(TrainConfig(stage=2, model=str(start), method="full", data=str(data_file), output=str(path),
                                   **settings, **common))
@@ -216,7 +223,7 @@ def build(out, recipe: Recipe = None, variants=(SHIPPED,), log=print) -> dict:
         model_dir = stage2(variant)
         tic = time.perf_counter()
         model, processor = load(model_dir)
-        results[variant] = evaluate(model, processor, questions, data / "images")
+        results[variant] = evaluate_heldout(model, processor, questions, data / "images")
         timings[f"eval-{variant}"] = round(time.perf_counter() - tic, 1)
         log(f"[eval {variant}] accuracy {100 * results[variant]['accuracy']:.1f}% "
             + " ".join(f"{k} {100 * v:.0f}%" for k, v in results[variant]["by_kind"].items()))
@@ -236,7 +243,7 @@ def read_data(out: Path):
 
 def train_scenes(out: Path) -> list:
     """The build's training scenes, from its COCO files."""
-    from ..datagen import read_coco
+    from ..datagen.coco import read_coco
 
     coco = Path(out) / "data" / "coco"
     return [scene_from_record(r) for r in read_coco(coco / "captions.json", coco / "instances.json")]
@@ -258,7 +265,7 @@ def world_texts(stage1, instruct, conv_mode: str) -> list:
 
 
 def pretrain_language_model(out: Path, r: Recipe, log=print):
-    from .language import pretrain
+    from .lm_pretrain import pretrain
 
     pretrain(world_texts(*read_data(out), r.conv_mode), out / "tokenizer", out / "language_model", seed=r.seed,
              log=log, **r.language_model)
@@ -267,8 +274,8 @@ def pretrain_language_model(out: Path, r: Recipe, log=print):
 def train_world_clip(out: Path, r: Recipe, log=print):
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
-    from ..datagen import read_coco
-    from .clip import train_clip
+    from ..datagen.coco import read_coco
+    from .clip_pretrain import train_clip
 
     data = out / "data"
     records = list(read_coco(data / "coco" / "captions.json", data / "coco" / "instances.json"))

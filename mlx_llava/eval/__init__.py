@@ -1,5 +1,5 @@
-"""Evaluation: held-out accuracy on the synthetic world (and the paper's ablation)."""
+"""Evaluation: short-answer accuracy on questions about images, by kind."""
 
-from .heldout import evaluate, load_questions, table
+from .accuracy import evaluate, load_questions, table
 
 __all__ = ["evaluate", "load_questions", "table"]

@@ -1,21 +1,21 @@
-"""Exact-match accuracy on held-out questions, by kind.
+"""Short-answer accuracy on questions about images, by kind.
 
 Each question is asked in a fresh conversation about its image (greedy
 decoding), as LLaVA-1.5 evaluates short-answer VQA; the image's visual tokens
-and the shared prompt prefix are computed once per image.
+and the shared prompt prefix are computed once per image. Whether an answer
+is right is the caller's `match(prediction, answer)`.
 """
 
 import json
 from collections import defaultdict
 from pathlib import Path
 
-from ..datagen.rules import exact_match
 from ..errors import LlavaError
 from ..generate import Chat
 
 
 def load_questions(path) -> list:
-    """eval.json: [{"image", "question", "answer", "kind"}] (as `mlx-llava datagen world` writes it)."""
+    """[{"image", "question", "answer", "kind"}] from a JSON file."""
     try:
         questions = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -29,7 +29,7 @@ def load_questions(path) -> list:
     return questions
 
 
-def evaluate(model, processor, questions, image_folder, max_tokens: int = 16, on_answer=None) -> dict:
+def evaluate(model, processor, questions, image_folder, match, max_tokens: int = 16, on_answer=None) -> dict:
     """-> {"accuracy", "by_kind": {kind: accuracy}, "count", "answers": [...]}."""
     by_image = defaultdict(list)
     for q in questions:
@@ -41,7 +41,7 @@ def evaluate(model, processor, questions, image_folder, max_tokens: int = 16, on
         for q in qs:
             chat.restart()
             answer = chat.say(q["question"], max_tokens=max_tokens).strip()
-            ok = exact_match(answer, q["answer"])
+            ok = match(answer, q["answer"])
             kind = q.get("kind", "all")
             right[kind] += ok
             total[kind] += 1

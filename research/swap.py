@@ -1,6 +1,6 @@
 """Does a demo model find the object a question names, or guess among the scene's objects?
 
-A counterfactual test of the demo model's lookups (README, "The demo model"). On
+A counterfactual test of the demo model's lookups (research/NOTES.md). On
 held-out scenes of exactly two objects, ask the same question about each object
 in turn, and count how often the two answers differ and how often both are right:
 
@@ -13,8 +13,8 @@ from the image alone (say, the place of whichever object it attends to) gives
 the same answer both times, and is right once in two by luck. Scenes where the
 two objects share the asked-for attribute are left out.
 
-    python benchmarks/swap.py demo-build/stage2-full+vqa/model demo-build/data
-    python benchmarks/swap.py                   # the shipped model, its data rebuilt in a temp dir
+    python research/swap.py demo-build/stage2-full+short/model demo-build/data
+    python research/swap.py                   # the shipped model, its data rebuilt in a temp dir
 
 Prints, per question, the scenes counted, "differ" and "both right".
 """
@@ -27,8 +27,8 @@ import tempfile
 from pathlib import Path
 
 from mlx_llava import load
-from mlx_llava.datagen import build_dataset, make_scenes
-from mlx_llava.datagen.rules import SHORT_ANSWER, exact_match
+from mlx_llava.demo.dataset import build_dataset, make_scenes
+from mlx_llava.demo.rules import SHORT_ANSWER, exact_match
 from mlx_llava.errors import LlavaError
 from mlx_llava.generate import Chat
 

@@ -1,26 +1,26 @@
 """Does the demo model's gap move with its features, its data or its language model?
 
-A diagnostic for the demo model's gap (README, "The demo model"). It reruns
+A diagnostic for the demo model's gap (research/NOTES.md). It reruns
 the real stage 2 of a demo build as the recipe ran it before its short-answer
 pass (the instruction mixture alone, 2 epochs, the recipe's other settings,
 `mlx_llava.train`), changed in one way, and scores the 300 held-out scenes as
 `mlx-llava demo train` does:
 
-    python benchmarks/stage2_variants.py build=demo-build out=DIR variant=oracle
+    python research/stage2_variants.py build=demo-build out=DIR variant=oracle
         # exact one-hot symbols of each cell (colour, shape, size, place) in place
         # of the CLIP's features, in stage 1 and stage 2: a perfect vision tower
-    python benchmarks/stage2_variants.py build=demo-build out=DIR variant=where
+    python research/stage2_variants.py build=demo-build out=DIR variant=where
         # plus one sample per training scene asking "where" about each of its objects
-    python benchmarks/stage2_variants.py build=demo-build out=DIR variant=random-lm
+    python research/stage2_variants.py build=demo-build out=DIR variant=random-lm
         # stage 2 from the stage-1 model with its language model randomly initialised
-    python benchmarks/stage2_variants.py build=demo-build out=DIR variant=reset-attention
+    python research/stage2_variants.py build=demo-build out=DIR variant=reset-attention
         # ... with only the language model's attention randomly initialised
-    python benchmarks/stage2_variants.py build=demo-build out=DIR variant=where+reset-attention
+    python research/stage2_variants.py build=demo-build out=DIR variant=where+reset-attention
         # both (the lab's case: many "where" questions, no pretrained attention)
-    python benchmarks/stage2_variants.py build=demo-build out=DIR variant=scenes scenes=9000
+    python research/stage2_variants.py build=demo-build out=DIR variant=scenes scenes=9000
         # more scenes, one instruction sample each (types in turn), stage 1 on them too
         # (stage1=DIR/stage1/model reuses the stage-1 model of an earlier run instead)
-    python benchmarks/stage2_variants.py build=demo-build out=DIR variant=curriculum+reset-attention \
+    python research/stage2_variants.py build=demo-build out=DIR variant=curriculum+reset-attention \
         where_epochs=16 where_batch=16
         # first a stage 2 on the "where" samples alone (the lab's diet: 16 epochs of 16),
         # then the recipe's; add +where to keep them in the second stage 2 too
@@ -46,10 +46,11 @@ from lookup_clip import place, read_scenes
 from lookup_clip import symbols as lab_symbols
 
 from mlx_llava import load
-from mlx_llava.datagen import build_dataset
-from mlx_llava.datagen.rules import SHORT_ANSWER, _sample, ask_position
+from mlx_llava.demo.dataset import build_dataset
+from mlx_llava.demo.rules import SHORT_ANSWER, _sample, ask_position
 from mlx_llava.demo.recipe import Recipe, stage1_captions
-from mlx_llava.eval import evaluate, load_questions
+from mlx_llava.demo import evaluate_heldout
+from mlx_llava.eval import load_questions
 from mlx_llava.train import TrainConfig, train
 
 SETTINGS = dict(build="", out="", variant="", scenes=9000, epochs=2.0, stage1="", where_epochs=2.0, where_batch=8)
@@ -187,7 +188,7 @@ def main(argv):
         start = stage2(start, "where", out / "where.json", epochs=s["where_epochs"], batch_size=s["where_batch"])
     (out / "instruct.json").write_text(json.dumps(samples))
     model = stage2(start, "stage2", out / "instruct.json", epochs=s["epochs"])
-    result = evaluate(*load(model), load_questions(data / "eval.json"), data / "images")
+    result = evaluate_heldout(*load(model), load_questions(data / "eval.json"), data / "images")
     summary = {"settings": s, "samples": len(samples), "seconds": timings, "accuracy": result["accuracy"],
                "by_kind": result["by_kind"]}
     (out / "result.json").write_text(json.dumps(summary, indent=2))

@@ -1,16 +1,16 @@
 """Can the demo's tiny LLaMA find an object by content in a build's CLIP tokens?
 
-A diagnostic for the demo model's "where" gap (README, "The demo model"). It is
-`benchmarks/lookup.py`'s lab (the recipe's LLaMA shape trained from scratch, a
+A diagnostic for the demo model's "where" gap (research/NOTES.md). It is
+`research/lookup.py`'s lab (the recipe's LLaMA shape trained from scratch, a
 projector, Muon at lr 0.005) on the world's real scenes: each sample is the 9
 visual tokens of a training image, read from a demo build's CLIP as LLaVA
 reads them, and "where <colour> <shape> ?" about one of its objects, answered
 by the object's grid cell. Every object of every image is asked about, so the
 answer cannot come from the image alone. Held-out: the 300 test scenes.
 
-    python benchmarks/lookup_clip.py build=demo-build                # the build's CLIP tokens
-    python benchmarks/lookup_clip.py build=demo-build empty=zero     # empty cells' tokens set to 0
-    python benchmarks/lookup_clip.py build=demo-build symbols=1      # exact one-hot symbols instead
+    python research/lookup_clip.py build=demo-build                # the build's CLIP tokens
+    python research/lookup_clip.py build=demo-build empty=zero     # empty cells' tokens set to 0
+    python research/lookup_clip.py build=demo-build symbols=1      # exact one-hot symbols instead
 
 Prints held-out accuracy every 250 steps.
 """
@@ -26,7 +26,7 @@ import mlx.nn as nn
 import numpy as np
 from lookup import ASK, BOS, COLOURS, IMAGE, PLACES, SHAPES, WHERE, Lookup, cell_symbols, make_optimizer, parse
 
-from mlx_llava.datagen import world
+from mlx_llava.demo import world
 
 SETTINGS = dict(build="", steps=1000, batch=16, layer=-2, empty="keep", symbols=0, seed=0, lr=5e-4, muon=0.005)
 LAB = dict(hidden=128, layers=4, heads=4, theta=10000.0, first=0)  # the recipe's language model shape

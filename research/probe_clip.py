@@ -1,6 +1,6 @@
 """What the demo CLIP's visual tokens hold, and where the "where" answers go wrong.
 
-A diagnostic for the demo model's gap (README, "The demo model"):
+A diagnostic for the demo model's gap (research/NOTES.md):
 
 1. A linear probe (softmax regression in numpy) on the visual token of each
    object's cell, from a demo build's CLIP (its cached features): the cell's
@@ -10,7 +10,7 @@ A diagnostic for the demo model's gap (README, "The demo model"):
    another object in the scene share the asked object's colour, or its shape,
    and when the answer is wrong, whose place does it name?
 
-    python benchmarks/probe_clip.py build=demo-build [answers=demo-build/answers-full+vqa.json]
+    python research/probe_clip.py build=demo-build [answers=demo-build/answers-full+short_answers.json]
 """
 
 import mlx_llava  # noqa: F401  (before mlx: the system BLAS on Linux)
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from lookup_clip import place, read_scenes
 
-from mlx_llava.datagen.world import COLOURS, SHAPES
+from mlx_llava.demo.world import COLOURS, SHAPES
 from mlx_llava.processor import Processor
 from mlx_llava.train.features import FeatureCache
 from mlx_llava.train.trainer import image_features
@@ -91,4 +91,4 @@ if __name__ == "__main__":
     args = dict(a.split("=", 1) for a in sys.argv[1:])
     build = Path(args.get("build", "demo-build"))
     token_probe(build)
-    where_by_distractor(build, Path(args.get("answers", build / "answers-full+vqa.json")))
+    where_by_distractor(build, Path(args.get("answers", build / "answers-full+short_answers.json")))

@@ -1,25 +1,25 @@
 """The demo recipe's short-answer pass, changed in one way.
 
-A diagnostic for the demo model's gap (README, "The demo model"). It reruns
+A diagnostic for the demo model's gap (research/NOTES.md). It reruns
 the pass of a finished demo build (`mlx-llava demo train --output BUILD`): the
-build's short-answer data (data/vqa.json) with a share of its instruction
+build's short-answer data (data/short_answers.json) with a share of its instruction
 mixture, shuffled, from its mixture model (stage2-full), with the recipe's
 stage-2 settings, through `mlx_llava.train`; held-out exact match every
 `every` steps and at the end:
 
-    python benchmarks/pass_variants.py build=BUILD out=DIR
+    python research/pass_variants.py build=BUILD out=DIR
         # the recipe's pass again (run-to-run noise: another process, other float sums)
-    python benchmarks/pass_variants.py build=BUILD out=DIR muon_lr=0.01 batch_size=8
+    python research/pass_variants.py build=BUILD out=DIR muon_lr=0.01 batch_size=8
         # any stage-2 setting of the recipe (iters=N stops after N steps)
-    python benchmarks/pass_variants.py build=BUILD out=DIR hard=3,1
+    python research/pass_variants.py build=BUILD out=DIR hard=3,1
         # position and relation questions drawn toward objects that share their colour
         # (weight 1 + 3) or their shape (+ 1) with another object: hard negatives
-    python benchmarks/pass_variants.py build=BUILD out=DIR start=stage1 share=1
+    python research/pass_variants.py build=BUILD out=DIR start=stage1 share=1
         # no mixture epoch first: one pass over all the mixture and the short answers
-    python benchmarks/pass_variants.py build=BUILD out=DIR kinds=1,1,1,1,3
+    python research/pass_variants.py build=BUILD out=DIR kinds=1,1,1,1,3
         # short-answer questions drawn afresh, the kinds weighted (colour, shape,
         # count, position, relation; the recipe's first pass draws each as likely)
-    python benchmarks/pass_variants.py build=BUILD out=DIR start=stage2-full+vqa kinds=1,1,1,1,1 seed=1
+    python research/pass_variants.py build=BUILD out=DIR start=stage2-full+short kinds=1,1,1,1,1 seed=1
         # a further pass from the first pass's model (start: any model folder under
         # BUILD, ../ allowed), over questions drawn afresh; per_scene=N draws N samples a scene
 
@@ -33,9 +33,10 @@ import sys
 import time
 from pathlib import Path
 
-from mlx_llava.datagen import rules
+from mlx_llava.demo import rules
 from mlx_llava.demo.recipe import Recipe, pass_samples, train_scenes
-from mlx_llava.eval import evaluate, load_questions
+from mlx_llava.demo import evaluate_heldout
+from mlx_llava.eval import load_questions
 from mlx_llava.train import TrainConfig, train
 
 SETTINGS = dict(build="demo-build", out="", start="stage2-full", share=0.25, hard="", kinds="", every=540, seed=0,
@@ -43,7 +44,7 @@ SETTINGS = dict(build="demo-build", out="", start="stage2-full", share=0.25, har
 
 
 def hard_vqa(scenes, weights: str, per_scene: int, seed: int, kinds: dict = None) -> list:
-    """rules.vqa_samples, but "where" and relation questions prefer objects that
+    """rules.short_answer_samples, but "where" and relation questions prefer objects that
     share a colour or a shape with another: the asked object can then be found
     only by both."""
     w_colour, w_shape = map(float, weights.split(","))
@@ -69,7 +70,7 @@ def hard_vqa(scenes, weights: str, per_scene: int, seed: int, kinds: dict = None
         q = f"Is {rules.ref(scene, a, rng)} {rel} {rules.ref(scene, b, rng)}?"
         return rules.QA("relation", q, "yes" if want else "no", "")
 
-    return rules.vqa_samples(scenes, seed, per_scene, families=dict(position=position, relation=relation), weights=kinds)
+    return rules.short_answer_samples(scenes, seed, per_scene, families=dict(position=position, relation=relation), weights=kinds)
 
 
 def main(args: dict):
@@ -85,13 +86,13 @@ def main(args: dict):
     build, out = Path(opts["build"]), Path(opts["out"])
     out.mkdir(parents=True, exist_ok=True)
     kinds = dict(zip(rules.KINDS, map(float, opts["kinds"].split(",")))) if opts["kinds"] else None
-    per_scene = int(opts["per_scene"]) or recipe.vqa["per_scene"]
+    per_scene = int(opts["per_scene"]) or recipe.short_answers["per_scene"]
     if opts["hard"]:
         short = hard_vqa(train_scenes(build), opts["hard"], per_scene, int(opts["seed"]), kinds)
     elif kinds:
-        short = rules.vqa_samples(train_scenes(build), int(opts["seed"]), per_scene, weights=kinds)
+        short = rules.short_answer_samples(train_scenes(build), int(opts["seed"]), per_scene, weights=kinds)
     else:
-        short = json.loads((build / "data" / "vqa.json").read_text())
+        short = json.loads((build / "data" / "short_answers.json").read_text())
     mixture = json.loads((build / "data" / "instruct.json").read_text())
     samples = pass_samples(short, mixture, float(opts["share"]), int(opts["seed"]))
     (out / "pass.json").write_text(json.dumps(samples))
@@ -104,7 +105,7 @@ def main(args: dict):
     def score(step):
         model, _, processor = held["model"]
         model.eval()
-        r = evaluate(model, processor, questions, build / "data" / "images")
+        r = evaluate_heldout(model, processor, questions, build / "data" / "images")
         model.train()
         print(f"step {step} ({time.perf_counter() - tic:.0f}s): held-out {100 * r['accuracy']:.1f} "
               + " ".join(f"{k} {100 * v:.1f}" for k, v in r["by_kind"].items()), flush=True)

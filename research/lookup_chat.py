@@ -1,7 +1,7 @@
 """Which part of the real stage 2 slows the demo's "where" lookup?
 
-A diagnostic for the demo model's gap (README, "The demo model"): the lab of
-`benchmarks/lookup_clip.py` (the recipe's LLaMA shape, a projector, Muon at
+A diagnostic for the demo model's gap (research/NOTES.md): the lab of
+`research/lookup_clip.py` (the recipe's LLaMA shape, a projector, Muon at
 lr 0.005, exact one-hot symbols of each cell, "where" about every object of
 every training scene, held out on the 300 test scenes) moved toward the real
 stage 2 one part at a time: the build's tokenizer, the question in the
@@ -9,12 +9,12 @@ world's words ("Where is the red star located?"), the chat template and the
 short-answer instruction around it, the answer in words with the
 end-of-sequence token ("top left</s>"), and a pretrained language model.
 
-    python benchmarks/lookup_chat.py build=demo-build                    # as the real stage 2 lays it out
-    python benchmarks/lookup_chat.py build=demo-build chat=0 short=0     # BOS, image, question, answer
-    python benchmarks/lookup_chat.py build=demo-build answer=first       # train and score the first answer token only
-    python benchmarks/lookup_chat.py build=demo-build answer=one         # each place as one token (ids borrowed)
-    python benchmarks/lookup_chat.py build=demo-build lm=demo-build/language_model   # the recipe's pretrained LM
-    python benchmarks/lookup_chat.py build=demo-build lm=demo-build/language_model reset=self_attn
+    python research/lookup_chat.py build=demo-build                    # as the real stage 2 lays it out
+    python research/lookup_chat.py build=demo-build chat=0 short=0     # BOS, image, question, answer
+    python research/lookup_chat.py build=demo-build answer=first       # train and score the first answer token only
+    python research/lookup_chat.py build=demo-build answer=one         # each place as one token (ids borrowed)
+    python research/lookup_chat.py build=demo-build lm=demo-build/language_model   # the recipe's pretrained LM
+    python research/lookup_chat.py build=demo-build lm=demo-build/language_model reset=self_attn
         # ... with the weights whose names hold one of these (comma-separated) drawn afresh
 
 Prints held-out exact match (every answer token right, as greedy decoding
@@ -35,7 +35,7 @@ from lookup import FEATURES, Lookup, make_optimizer, parse, redraw
 from lookup_clip import LAB, asked, place, read_scenes, symbols
 
 from mlx_llava.conversation import IGNORE_INDEX, build_targets
-from mlx_llava.datagen.rules import SHORT_ANSWER
+from mlx_llava.demo.rules import SHORT_ANSWER
 from mlx_llava.train.data import Example, pad
 
 SETTINGS = dict(build="", steps=1000, batch=16, seed=0, lr=5e-4, muon=0.005, chat=1, short=1, answer="words",

@@ -1,6 +1,6 @@
 """How fast does the demo's tiny LLaMA learn to look up a visual cell?
 
-A diagnostic for the demo model's gap (README, "The demo model"): the same
+A diagnostic for the demo model's gap (research/NOTES.md): the same
 language model shape as the recipe (mlx-lm llama, 4 layers, width 128),
 trained from scratch on the bare lookup that the world's questions need. Each
 sample is BOS, 9 visual tokens (a projector over exact one-hot symbols of a
@@ -16,10 +16,10 @@ question; the loss is on its one-token answer:
 With first=1 the question comes before the visual tokens (BOS, question,
 visual tokens, filler, "?"), so each visual token can attend to it.
 
-    python benchmarks/lookup.py steps=4000            # key=value overrides the defaults below
-    python benchmarks/lookup.py steps=2000 first=1    # the question read before the image
-    python benchmarks/lookup.py steps=1000 muon=0.005  # Muon for the weight matrices (lr 0.005)
-    python benchmarks/lookup.py steps=3000 muon=0.005 relation=0.5  # half the questions relations
+    python research/lookup.py steps=4000            # key=value overrides the defaults below
+    python research/lookup.py steps=2000 first=1    # the question read before the image
+    python research/lookup.py steps=1000 muon=0.005  # Muon for the weight matrices (lr 0.005)
+    python research/lookup.py steps=3000 muon=0.005 relation=0.5  # half the questions relations
 
 Prints held-out accuracy of each kind every 250 steps.
 """
@@ -35,7 +35,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx_lm.models import llama
 
-from mlx_llava.datagen.rules import RELATIONS as RELATIONS_OF_WORLD
+from mlx_llava.demo.rules import RELATIONS as RELATIONS_OF_WORLD
 
 SETTINGS = dict(lr=5e-4, heads=4, layers=4, hidden=128, batch=16, steps=4000, filler=0, theta=10000.0, seed=0, first=0,
                 muon=0.0, relation=0.0)

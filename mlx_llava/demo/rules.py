@@ -23,7 +23,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .stage1 import DETAIL_INSTRUCTIONS, IMAGE_TOKEN
+from ..conversation import IMAGE_PLACEHOLDER
+from ..datagen.prompts import DETAIL_INSTRUCTIONS
 from .world import AT, COLOURS, NUMBER_WORDS, PLURALS, SHAPES, Object, Scene, article, join
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -195,7 +196,7 @@ FAMILIES = {
 def _sample(scene: Scene, kind: str, turns: list[tuple[str, str]]) -> dict:
     conversations = []
     for i, (question, answer) in enumerate(turns):
-        human = f"{IMAGE_TOKEN}\n{question}" if i == 0 else question
+        human = f"{IMAGE_PLACEHOLDER}\n{question}" if i == 0 else question
         conversations += [{"from": "human", "value": human}, {"from": "gpt", "value": answer}]
     return {
         "id": Path(scene.file_name).stem,
@@ -348,7 +349,7 @@ def instruct_samples(scenes: list[Scene], seed: int = 0, short_p: float = 0.7) -
 # ------------------------------------------------------------ evaluation
 
 
-def vqa(scene: Scene, rng: random.Random, turns: int = 6, families: dict = None, weights: dict = None) -> dict:
+def short_answer(scene: Scene, rng: random.Random, turns: int = 6, families: dict = None, weights: dict = None) -> dict:
     """`turns` short-answer questions of the held-out kinds about one image, each
     kind as likely unless `weights` ({kind: weight}) says otherwise:
     LLaVA-1.5's academic-task data (VQAv2, GQA), whose answers are a word or a
@@ -360,19 +361,19 @@ def vqa(scene: Scene, rng: random.Random, turns: int = 6, families: dict = None,
         qas = [families[k](scene, rng) for k in rng.choices(kinds, [weights[k] for k in kinds], k=turns)]
     else:
         qas = [families[rng.choice(kinds)](scene, rng) for _ in range(turns)]
-    return _sample(scene, "vqa", [(f"{qa.question}\n{SHORT_ANSWER}", qa.short) for qa in qas])
+    return _sample(scene, "short", [(f"{qa.question}\n{SHORT_ANSWER}", qa.short) for qa in qas])
 
 
-def vqa_samples(scenes: list[Scene], seed: int = 0, per_scene: int = 5, turns: int = 6,
+def short_answer_samples(scenes: list[Scene], seed: int = 0, per_scene: int = 5, turns: int = 6,
                 families: dict = None, weights: dict = None) -> list[dict]:
-    """`per_scene` VQA samples per scene, each with questions drawn afresh (so one
+    """`per_scene` short-answer samples per scene, each with questions drawn afresh (so one
     pass over them never repeats a sample), shuffled."""
     samples = []
     for scene in scenes:
-        rng = random.Random(f"vqa:{seed}:{scene.id}:{scene.seed}")
+        rng = random.Random(f"vqa:{seed}:{scene.id}:{scene.seed}")  # the seed's old name: the same draws
         for k in range(per_scene):
-            sample = vqa(scene, rng, turns, families, weights)
-            samples.append({**sample, "id": f"{sample['id']}-vqa{k}"})
+            sample = short_answer(scene, rng, turns, families, weights)
+            samples.append({**sample, "id": f"{sample['id']}-short{k}"})
     random.Random(seed).shuffle(samples)
     return samples
 
