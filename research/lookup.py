@@ -86,7 +86,7 @@ def make_optimizer(lr: float, muon: float):
     as `mlx-llava train --optimizer muon` groups them."""
     opt = optim.AdamW(lr, weight_decay=0.0)
     if muon:
-        from mlx_llava.train.trainer import is_matrix
+        from mlx_llava.train.setup import is_matrix
 
         opt = optim.MultiOptimizer([optim.Muon(muon, weight_decay=0.0), opt], [is_matrix])
     return opt

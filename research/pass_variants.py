@@ -110,10 +110,10 @@ def main(args: dict):
         print(f"step {step} ({time.perf_counter() - tic:.0f}s): held-out {100 * r['accuracy']:.1f} "
               + " ".join(f"{k} {100 * v:.1f}" for k, v in r["by_kind"].items()), flush=True)
 
-    from mlx_llava.train import trainer
+    from mlx_llava.train import setup
 
-    load_base = trainer.load_base
-    trainer.load_base = lambda cfg: held.setdefault("model", load_base(cfg))  # to score the model as it trains
+    load_base = setup.load_base
+    setup.load_base = lambda cfg: held.setdefault("model", load_base(cfg))  # to score the model as it trains
     summary = train(TrainConfig(stage=2, model=str(start), method="full", data=str(out / "pass.json"),
                                 output=str(out / "run"), image_folder=str(build / "data" / "images"),
                                 cache_features=str(build / "features"), seed=recipe.seed, save_every=10**9,

@@ -27,7 +27,7 @@ from lookup_clip import place, read_scenes
 from mlx_llava.demo.world import COLOURS, SHAPES
 from mlx_llava.processor import Processor
 from mlx_llava.train.features import FeatureCache
-from mlx_llava.train.trainer import image_features
+from mlx_llava.train.features import image_features
 from mlx_llava.weights import load_model
 
 

@@ -118,7 +118,7 @@ class Stop(Exception):
 
 
 def test_muon_updates_the_weight_matrices_and_adamw_the_rest(model_dir):
-    from mlx_llava.train.trainer import make_optimizer, setup_trainable
+    from mlx_llava.train.setup import make_optimizer, setup_trainable
 
     model, _ = load_model(model_dir)
     cfg = TrainConfig(stage=2, model=str(model_dir), data="x", output="y", method="full",
@@ -401,3 +401,23 @@ def test_stage2_trains_with_the_template_the_model_was_trained_with(model_dir, d
     assert mlx_llava.load(model_dir)[1].conv_mode == config.get("conv_mode", "llava_v1") == "llava_v1"
     assert run(model_dir, dataset, tmp_path / "a", iters=1)["conv_mode"] == "vicuna_v1"
     assert run(model_dir, dataset, tmp_path / "b", iters=1, conv_mode="llava_v1")["conv_mode"] == "llava_v1"
+
+
+def test_compiled_step_trains_like_the_plain_one(model_dir, dataset, tmp_path):
+    """mx.compile changes nothing but speed: the same losses and weights, step by step."""
+    logs = {}
+    for compiled in (True, False):
+        run(model_dir, dataset, tmp_path / str(compiled), compile=compiled, lora_dropout=0.1)
+        logs[compiled] = [json.loads(line)["loss"] for line in (tmp_path / str(compiled) / "log.jsonl").read_text().splitlines()]
+    assert len(logs[True]) == 4 and np.allclose(logs[True], logs[False], rtol=1e-4, atol=1e-5)
+    a = mx.load(str(tmp_path / "True" / "adapters.safetensors"))
+    b = mx.load(str(tmp_path / "False" / "adapters.safetensors"))
+    for k in a:
+        assert np.allclose(np.array(a[k]), np.array(b[k]), atol=1e-5), k
+
+
+def test_stage_table_is_the_one_the_readme_shows():
+    from mlx_llava.train.config import stage_table
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert stage_table() in readme

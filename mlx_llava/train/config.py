@@ -1,10 +1,10 @@
 """Training knobs, with the LLaVA-1.5 recipes as defaults.
 
-Stage 1 (alignment): only the projector learns, lr 1e-3, global batch 256.
-Stage 2 (instruction tuning): projector + language model, full (lr 2e-5,
-batch 128) or LoRA (rank 128, alpha 256, dropout 0.05, lr 2e-4, the
-projector at its own 2e-5). Both: 1 epoch, cosine with warmup ratio 0.03,
-max length 2048, AdamW without weight decay, gradients clipped at 1.0.
+`STAGES` is the one statement of what differs between the paper's two
+stages; the trainer, the CLI's help and the README's table read it. Both
+stages: 1 epoch, cosine with warmup ratio 0.03, max length 2048, AdamW
+without weight decay, gradients clipped at 1.0; LoRA rank 128, alpha 256,
+dropout 0.05 (LLaVA-1.5's LoRA recipe).
 """
 
 from dataclasses import asdict, dataclass, fields
@@ -15,6 +15,64 @@ from ..errors import LlavaError
 
 METHODS = ("lora", "qlora", "full")
 OPTIMIZERS = ("adamw", "muon")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One of LLaVA's two training stages, with LLaVA-1.5's defaults."""
+
+    name: str
+    template: Optional[str]  # the template its targets are made with; None: the model's own
+    trains: str
+    methods: tuple  # what may learn: "projector", or the language model's methods (the first: default)
+    learning_rate: dict  # by method
+    projector_lr: dict  # by method; None: the same as learning_rate
+    batch_size: int
+    writes: str
+
+    @property
+    def template_text(self) -> str:
+        return f"`{self.template}` (image, then caption)" if self.template else \
+            "the model's (`vicuna_v1` for LLaVA-1.5)"
+
+    @property
+    def rates_text(self) -> str:
+        groups = {}
+        for method, lr in self.learning_rate.items():
+            projector = self.projector_lr[method]
+            text = _e(lr) + (f" (projector {_e(projector)})" if projector else "")
+            groups.setdefault(text, []).append(NAMES.get(method, method))
+        return ", ".join(f"{'/'.join(m)} {t}" if len(self.learning_rate) > 1 else t for t, m in groups.items())
+
+
+NAMES = {"lora": "LoRA", "qlora": "QLoRA", "full": "full"}
+
+
+def _e(x: float) -> str:
+    return f"{x:.0e}".replace("e-0", "e-")
+
+
+STAGES = {
+    1: Stage(
+        name="feature alignment", template="plain", trains="the projector",
+        methods=("projector",), learning_rate={"projector": 1e-3}, projector_lr={"projector": None},
+        batch_size=256, writes="`projector.safetensors`, `model/`"),
+    2: Stage(
+        name="visual instruction tuning", template=None,
+        trains="projector + language model: LoRA (default), QLoRA or full",
+        methods=("lora", "qlora", "full"), learning_rate={"lora": 2e-4, "qlora": 2e-4, "full": 2e-5},
+        projector_lr={"lora": 2e-5, "qlora": 2e-5, "full": None}, batch_size=128,
+        writes="`adapters.safetensors`, `adapter_config.json`, `projector.safetensors`; full: `model/`"),
+}
+
+
+def stage_table() -> str:
+    """STAGES as the README's Markdown table."""
+    rows = ["| stage | template | what trains | learning rate | batch | writes |", "|---|---|---|---|---|---|"]
+    for number, s in STAGES.items():
+        rows.append(f"| {number}: {s.name} | {s.template_text} | {s.trains} | {s.rates_text} | {s.batch_size} "
+                    f"| {s.writes} |")
+    return "\n".join(rows)
 
 
 @dataclass
@@ -51,6 +109,7 @@ class TrainConfig:
     max_length: int = 2048
     group_by_length: bool = False  # LLaVA-1.5's --group_by_modality_length: batches of like length
     grad_checkpoint: bool = False
+    compile: bool = True  # compile each micro-batch's forward and backward pass (mx.compile)
     cache_features: Optional[str] = None
     # bookkeeping
     save_every: int = 500
@@ -68,21 +127,18 @@ class TrainConfig:
             raise LlavaError("give either --model, or --language-model with --vision-tower")
         if self.language_model is not None and self.vision_tower is None:
             raise LlavaError("--language-model needs --vision-tower (a CLIP directory)")
-        if self.stage == 1:
-            self.method = "projector"
-        else:
-            self.method = self.method or "lora"
-            if self.method not in METHODS:
-                raise LlavaError(f"unknown training method {self.method!r}; expected one of {METHODS}")
+        stage = STAGES[self.stage]
+        self.method = stage.methods[0] if self.stage == 1 else (self.method or stage.methods[0])
+        if self.method not in stage.methods:
+            raise LlavaError(f"unknown training method {self.method!r}; expected one of {stage.methods}")
         if self.optimizer not in OPTIMIZERS:
             raise LlavaError(f"unknown optimizer {self.optimizer!r}; expected one of {OPTIMIZERS}")
-        lora = self.method in ("lora", "qlora")
         if self.learning_rate is None:
-            self.learning_rate = {1: 1e-3}.get(self.stage, 2e-4 if lora else 2e-5)
+            self.learning_rate = stage.learning_rate[self.method]
         if self.projector_lr is None:
-            self.projector_lr = 2e-5 if lora else self.learning_rate
+            self.projector_lr = stage.projector_lr[self.method] or self.learning_rate
         if self.batch_size is None:
-            self.batch_size = 256 if self.stage == 1 else 128
+            self.batch_size = stage.batch_size
         if self.eval_every and not self.val_data:
             raise LlavaError("--eval-every needs --val-data")
 

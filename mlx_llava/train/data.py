@@ -79,8 +79,7 @@ def check_record(record) -> Optional[str]:
 class MemoTokenizer:
     """The tokenizer with `encode` remembered: building one sample's targets
     tokenizes each round several times, as the original does, and a dataset
-    repeats its questions, answers and system prompt thousands of times
-    (the demo's 17,250 short-answer samples: 57 s, then 21 s)."""
+    repeats its questions, answers and system prompt thousands of times."""
 
     def __init__(self, tokenizer):
         self._tokenizer, self._known = tokenizer, {}
@@ -175,9 +174,11 @@ def epoch_batches(lengths, batch_size: int, micro_batches: int, seed: int, epoch
     return out
 
 
-def pad(examples: List[Example], pad_id: int = 0):
-    """Right-padded (input_ids, labels) int32 arrays; padding is never trained."""
+def pad(examples: List[Example], pad_id: int = 0, multiple: int = 1):
+    """Right-padded (input_ids, labels) int32 arrays, `multiple` dividing the
+    width; padding is never trained."""
     width = max(len(e.input_ids) for e in examples)
+    width = -(-width // multiple) * multiple
     ids = np.full((len(examples), width), pad_id, np.int32)
     labels = np.full((len(examples), width), IGNORE_INDEX, np.int32)
     for row, e in enumerate(examples):

@@ -16,6 +16,11 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .. import atomic
+from ..errors import LlavaError
+from ..image import load_image
+from .report import ProgressBar
+
 
 def fingerprint(model, image_config) -> str:
     """Identifies the vision tower's weights, its feature selection and the preprocessing."""
@@ -49,6 +54,39 @@ class FeatureCache:
     def put(self, image: Path, features: mx.array):
         p = self.path(image)
         p.parent.mkdir(exist_ok=True)
-        tmp = p.with_name(f".{p.stem}.{os.getpid()}.tmp.safetensors")
-        mx.save_safetensors(str(tmp), {"features": features})
-        os.replace(tmp, p)  # atomic: a killed run never leaves half an entry
+        atomic.write_safetensors(p, {"features": features})  # a killed run never leaves half an entry
+
+
+def image_features(model, processor, path, features=None):
+    """The frozen vision tower's features for one image (from the cache when there is one)."""
+    if features is not None:
+        cached = features.get(path)
+        if cached is not None:
+            return cached
+    try:
+        pixels = processor.preprocess([load_image(path)])
+    except LlavaError:
+        return None
+    f = model.vision_features(pixels)[0]
+    if features is not None:
+        mx.eval(f)
+        features.put(path, f)
+    return f
+
+
+def fill_cache(features: FeatureCache, model, processor, datasets, show: bool):
+    """Compute every image's features once, before training; drop unreadable ones."""
+    images = sorted({e.image for d in datasets for e in d.examples if e.image is not None})
+    todo = [p for p in images if not features.path(p).exists()]
+    bar = ProgressBar(len(todo), 0, "caching vision features") if show and todo else None
+    bad = set()
+    for p in todo:
+        if image_features(model, processor, p, features) is None:
+            bad.add(p)
+        if bar:
+            bar.advance()
+    if bar:
+        bar.close()
+    for d in datasets:
+        d.skipped += [(e.id, f"cannot read image {e.image}") for e in d.examples if e.image in bad]
+        d.examples = [e for e in d.examples if e.image not in bad]

@@ -1,8 +1,10 @@
-"""The loss curve as a PNG, drawn with Pillow (no plotting dependency)."""
+"""What a run shows: a progress bar while it trains, the loss curve as a PNG after."""
 
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from .. import atomic
 
 WIDTH, HEIGHT, MARGIN = 640, 400, 50
 
@@ -30,6 +32,23 @@ def plot_loss(points, path, title: str = "training loss"):
         draw.text((5, bottom - 10), f"{lo:.3g}", fill="black")
         draw.text((left, bottom + 8), f"step {steps[0]}", fill="black")
         draw.text((right - 70, bottom + 8), f"step {steps[-1]}", fill="black")
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    image.save(tmp)
-    tmp.replace(path)
+    with atomic.file(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+class ProgressBar:
+    """A rich progress bar with the latest loss (rich comes with typer)."""
+
+    def __init__(self, total: int, done: int = 0, title: str = "training"):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), TextColumn("{task.fields[loss]}"))
+        self.task = self.progress.add_task(title, total=total, completed=done, loss="")
+        self.progress.start()
+
+    def advance(self, loss=None):
+        self.progress.update(self.task, advance=1, loss="" if loss is None else f"loss {loss:.4f}")
+
+    def close(self):
+        self.progress.stop()
