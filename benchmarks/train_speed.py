@@ -6,16 +6,19 @@ width 256, 6 layers, random weights), a LLaMA-shaped language model (width
 256, 4 layers, random weights) with the world's tokenizer. Each run trains a
 fixed number of steps through `mlx_llava.train`, as `mlx-llava train` does.
 
-    python benchmarks/train_speed.py [--steps 6] [--batch-size 8] [--out /tmp/llava-bench]
+    python benchmarks/train_speed.py [--steps 6] [--batch-size 8] [--out /tmp/llava-bench] [--compile both]
 
 "Tokens" are every token the language model reads (visual and text), per
 second of optimizer steps; "trained tokens" the answer tokens the loss
 covers. Steps after the first are timed; "whole run" is the wall time of the
 `train` call, model loading and (cache on) filling a fresh cache included.
+`--compile both` runs every configuration with the compiled training step and
+without it, one after the other, so that the two meet the same machine load.
 """
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -60,6 +63,7 @@ def build_parts(out: Path, n_images: int):
 
 
 def run(name, out: Path, cache: bool, **kwargs) -> dict:
+    name += "" if kwargs.get("compile", True) else "-uncompiled"
     from mlx_llava.train import train
 
     folder = out / name
@@ -71,7 +75,8 @@ def run(name, out: Path, cache: bool, **kwargs) -> dict:
           progress=False, seed=0, **kwargs)
     wall = time.perf_counter() - tic
     steps = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
-    return {"run": name, "cache": cache, "wall_s": round(wall, 1), "steps": len(steps), "log": steps}
+    return {"run": name, "cache": cache, "compiled": kwargs.get("compile", True), "wall_s": round(wall, 1),
+            "steps": len(steps), "log": steps}
 
 
 def main():
@@ -79,7 +84,10 @@ def main():
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--out", default="/tmp/llava-bench")
+    parser.add_argument("--compile", choices=("on", "off", "both"), default="on")
     args = parser.parse_args()
+    compiles = {"on": (True,), "off": (False,), "both": (True, False)}[args.compile]
+    print(f"load average before: {os.getloadavg()[0]:.2f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     n = args.steps * args.batch_size
@@ -89,15 +97,18 @@ def main():
     parts = dict(language_model=str(out / "language_model"), vision_tower=str(out / "clip"))
     rows = []
     for cache in (False, True):
-        rows.append(run(f"stage1-cache-{cache}", out, cache, stage=1, data=str(data / "stage1.json"),
-                        **parts, **common))
-    stage1_model = str(out / "stage1-cache-True" / "model")
+        for compiled in compiles:
+            rows.append(run(f"stage1-cache-{cache}", out, cache, stage=1, data=str(data / "stage1.json"),
+                            compile=compiled, **parts, **common))
+    stage1_model = str(out / f"stage1-cache-True{'' if compiles[0] else '-uncompiled'}" / "model")
     for method in ("lora", "full"):
         for cache in (False, True):
-            rows.append(run(f"stage2-{method}-cache-{cache}", out, cache, stage=2, method=method,
-                            model=stage1_model, data=str(data / "instruct.json"), **common))
-    print("| run | cache | samples/s | tokens/s | trained tokens/s | first step (s) | whole run (s) | peak memory (GB) |")
-    print("|---|---|---|---|---|---|---|---|")
+            for compiled in compiles:
+                rows.append(run(f"stage2-{method}-cache-{cache}", out, cache, stage=2, method=method,
+                                model=stage1_model, data=str(data / "instruct.json"), compile=compiled, **common))
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    print("| run | cache | compiled | samples/s | tokens/s | trained tokens/s | first step (s) | whole run (s) | peak memory (GB) | final loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         log = r["log"]
         timed = log[1:] or log
@@ -106,8 +117,9 @@ def main():
         tokens = sum(s["tokens_per_second"] * t for s, t in zip(timed, seconds)) / sum(seconds)
         trained = sum(s["trained_tokens"] for s in timed) / sum(seconds)
         first = args.batch_size / log[0]["samples_per_second"]
-        print(f"| {r['run']} | {'on' if r['cache'] else 'off'} | {sps:.2f} | {tokens:.0f} | {trained:.0f} | "
-              f"{first:.1f} | {r['wall_s']:.0f} | {max(s['peak_memory_gb'] for s in log):.2f} |")
+        print(f"| {r['run']} | {'on' if r['cache'] else 'off'} | {'yes' if r['compiled'] else 'no'} | {sps:.2f} | "
+              f"{tokens:.0f} | {trained:.0f} | {first:.1f} | {r['wall_s']:.0f} | "
+              f"{max(s['peak_memory_gb'] for s in log):.2f} | {log[-1]['loss']:.4f} |")
     (out / "results.json").write_text(json.dumps(rows, indent=1))
 
 

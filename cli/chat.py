@@ -1,9 +1,8 @@
 """`mlx-llava chat`: a streaming multi-turn REPL about an image."""
 
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
-from typing_extensions import Annotated
 
 from . import app, options
 

@@ -1,9 +1,8 @@
 """`mlx-llava convert`: a LLaVA checkpoint (hub or folder) -> an MLX model directory."""
 
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
-from typing_extensions import Annotated
 
 from . import app, options
 

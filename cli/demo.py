@@ -1,9 +1,8 @@
 """`mlx-llava demo`: the synthetic world, and the shipped demo model rebuilt from scratch."""
 
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
-from typing_extensions import Annotated
 
 from . import app
 

@@ -1,7 +1,8 @@
 """`mlx-llava generate`: one answer, streamed to the terminal."""
 
+from typing import Annotated
+
 import typer
-from typing_extensions import Annotated
 
 from . import app, options
 

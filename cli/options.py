@@ -1,10 +1,9 @@
 """Flags shared by several commands, declared once."""
 
 from contextlib import contextmanager
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
-from typing_extensions import Annotated
 
 Model = Annotated[
     Optional[str],

@@ -1,9 +1,8 @@
 """`mlx-llava train` and `mlx-llava fuse`."""
 
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
-from typing_extensions import Annotated
 
 from . import app
 

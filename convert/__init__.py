@@ -172,7 +172,7 @@ def _with_tokens(source: formats.Source, tokenizer) -> dict:
                 f"table ({vocab} rows): tokenizer and weights do not belong together"
             )
     if "image_token_index" not in config:
-        config["image_token_index"] = files.token_id(tokenizer, files.IMAGE_TOKEN)
+        config["image_token_index"] = files.token_id(tokenizer, files.IMAGE_PLACEHOLDER)
     return config
 
 

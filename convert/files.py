@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mlx_llava.conversation import IMAGE_PLACEHOLDER
 from mlx_llava.errors import LlavaError
 from mlx_llava.image import ImageConfig
 
-IMAGE_TOKEN = "<image>"
 
 
 def load_tokenizer(folder: Path, extra_tokens: list):
@@ -31,7 +31,7 @@ def load_tokenizer(folder: Path, extra_tokens: list):
         tokenizer = AutoTokenizer.from_pretrained(str(folder), legacy=tokenizer_legacy(folder))
     except Exception as e:  # transformers raises many kinds for a missing or bad tokenizer
         raise LlavaError(f"cannot read the tokenizer in {folder} ({type(e).__name__}: {e})".splitlines()[0]) from None
-    tokenizer.add_tokens(list(extra_tokens) + [IMAGE_TOKEN], special_tokens=True)
+    tokenizer.add_tokens(list(extra_tokens) + [IMAGE_PLACEHOLDER], special_tokens=True)
     attach_chat_template(tokenizer, folder)
     return tokenizer
 

@@ -76,6 +76,30 @@ TEMPLATES = {
 }
 
 
+# Where a model names no template, it is answered in the one the original's
+# CLI uses for LLaVA v1 models.
+DEFAULT_CONV_MODE = "llava_v1"
+# The original's chat CLI answers LLaVA-1.5 in llava_v1 ("a curious human"),
+# but LLaVA-1.5 was trained (`--version v1`) and is benchmarked in vicuna_v1
+# ("a curious user"): the two differ only in the system message.
+TRAINED_WITH = {"llava_v1": "vicuna_v1"}
+
+
+def trained_conv_mode(conv_mode: str) -> str:
+    """The template a model answering in `conv_mode` was instruction-tuned with."""
+    return TRAINED_WITH.get(conv_mode, conv_mode)
+
+
+def conv_mode_from_name(name: str) -> str:
+    """The template the original's CLI (llava/serve/cli.py) picks from a model's name."""
+    n = name.lower()
+    for part, mode in (("llama-2", "llava_llama_2"), ("mistral", "mistral_instruct"),
+                       ("v1.6-34b", "chatml_direct"), ("v1", "llava_v1"), ("mpt", "mpt")):
+        if part in n:
+            return mode
+    return "llava_v0"
+
+
 def get_template(name: str) -> Template:
     try:
         return TEMPLATES[name]

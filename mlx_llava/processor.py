@@ -20,6 +20,7 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 from . import conversation
 from .errors import LlavaError
 from .image import ImageConfig, preprocess
+from .models.llava import ModelArgs
 
 IM_START_END = ("<im_start>", "<im_end>")  # the original's DEFAULT_IM_START_TOKEN / DEFAULT_IM_END_TOKEN
 
@@ -50,17 +51,14 @@ class Processor:
         pre = json.loads(pre.read_text()) if pre.exists() else {}
         chosen = settings(config, pre, has_chat_template(tokenizer))
         image_config = ImageConfig.from_preprocessor_config(pre, chosen["image_aspect_ratio"])
-        vision = config.get("vision_config") or {}
-        patches = (vision.get("image_size", 336) // vision.get("patch_size", 14)) ** 2
-        strategy = config.get("vision_feature_select_strategy", "default")
-        text = config.get("text_config", {})
+        args = ModelArgs.from_dict(config)
         return cls(
             tokenizer,
             image_config,
-            config.get("image_token_index", config.get("image_token_id", 32000)),
-            patches if strategy == "default" else patches + 1,
+            args.image_token_index,
+            args.num_visual_tokens,
             chosen["conv_mode"],
-            text.get("max_position_embeddings") or 4096,
+            args.text_config.get("max_position_embeddings") or 4096,
             IM_START_END if config.get("mm_use_im_start_end") else None,
             legacy=tokenizer_legacy(path),
         )
@@ -68,7 +66,7 @@ class Processor:
     @property
     def train_conv_mode(self) -> str:
         """The template this model's instruction tuning used (stage 2 and the benchmarks)."""
-        return trained_conv_mode(self.conv_mode)
+        return conversation.trained_conv_mode(self.conv_mode)
 
     def prompt(self, messages, add_generation_prompt: bool = True, conv_mode: Optional[str] = None) -> str:
         """Messages ({"role", "content"}, `<image>` where an image goes) -> prompt text."""
@@ -121,27 +119,6 @@ class Processor:
 # ---------------------------------------------------------------- choices
 
 
-# The original's chat CLI answers LLaVA-1.5 in llava_v1 ("a curious human"),
-# but LLaVA-1.5 was trained (`--version v1`) and is benchmarked in vicuna_v1
-# ("a curious user"): the two differ only in the system message.
-TRAINED_WITH = {"llava_v1": "vicuna_v1"}
-
-
-def trained_conv_mode(conv_mode: str) -> str:
-    """The template a model answering in `conv_mode` was instruction-tuned with."""
-    return TRAINED_WITH.get(conv_mode, conv_mode)
-
-
-def conv_mode_from_name(name: str) -> str:
-    """The template the original's CLI (llava/serve/cli.py) picks from a model's name."""
-    n = name.lower()
-    for part, mode in (("llama-2", "llava_llama_2"), ("mistral", "mistral_instruct"),
-                       ("v1.6-34b", "chatml_direct"), ("v1", "llava_v1"), ("mpt", "mpt")):
-        if part in n:
-            return mode
-    return "llava_v0"
-
-
 def settings(config: dict, preprocessor: Optional[dict], chat_template: bool,
              original_name: Optional[str] = None) -> dict:
     """A model's chat template and image handling: {"conv_mode", "image_aspect_ratio", "why"}.
@@ -160,11 +137,11 @@ def settings(config: dict, preprocessor: Optional[dict], chat_template: bool,
     pre = preprocessor or {}
     conv_mode, why = config.get("conv_mode"), "from config.json"
     if not conv_mode and original_name is not None:
-        conv_mode = conv_mode_from_name(original_name)
+        conv_mode = conversation.conv_mode_from_name(original_name)
         why = f"the original LLaVA's choice for a model named {original_name!r}"
     elif not conv_mode:
-        conv_mode, why = (("chat_template", "the tokenizer's own chat template") if chat_template
-                          else ("llava_v1", "no chat template in the tokenizer"))
+        conv_mode, why = ((conversation.CHAT_TEMPLATE, "the tokenizer's own chat template") if chat_template
+                          else (conversation.DEFAULT_CONV_MODE, "no chat template in the tokenizer"))
     aspect = config.get("image_aspect_ratio")
     if aspect in ("square", ""):
         aspect = "crop"

@@ -19,6 +19,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import make_shards, quantize_model
 
+from .conversation import CHAT_TEMPLATE, DEFAULT_CONV_MODE, IMAGE_PLACEHOLDER, trained_conv_mode
 from .errors import LlavaError
 from .models.clip import clip_vision_config, vision_model_name
 from .models.llava import Model, ModelArgs, llava_config
@@ -26,7 +27,6 @@ from .models.llava import Model, ModelArgs, llava_config
 # What `load` fetches of a hub repository already in MLX format.
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
 MAX_SHARD_GB = 5
-IMAGE_TOKEN = "<image>"
 
 
 def resolve(path_or_repo) -> Path:
@@ -211,7 +211,7 @@ def assemble(language_model, vision_tower, projector_type: str = "mlp2x_gelu", c
     tokenizer = load_tokenizer(lm_path, eos_token_ids=lm_config.get("eos_token_id"))
     attach_chat_template(tokenizer, lm_path)
     # The original leaves <image> out of the vocabulary; use it where a tokenizer has it.
-    image_token = tokenizer.get_vocab().get(IMAGE_TOKEN, text_config["vocab_size"])
+    image_token = tokenizer.get_vocab().get(IMAGE_PLACEHOLDER, text_config["vocab_size"])
     config = llava_config({
         "model_type": "llava",
         "architectures": ["LlavaForConditionalGeneration"],
@@ -223,8 +223,8 @@ def assemble(language_model, vision_tower, projector_type: str = "mlp2x_gelu", c
         "vision_feature_select_strategy": "default",
         "image_token_index": image_token,
         "image_aspect_ratio": "pad",
-        # LLaVA-1.5's training template, unless the language model brings its own.
-        "conv_mode": conv_mode or ("chat_template" if has_chat_template(tokenizer) else "vicuna_v1"),
+        # the template LLaVA-1.5 trained in, unless the language model brings its own
+        "conv_mode": conv_mode or (CHAT_TEMPLATE if has_chat_template(tokenizer) else trained_conv_mode(DEFAULT_CONV_MODE)),
     })
     if lm_config.get("quantization"):
         config["quantization"] = lm_config["quantization"]

@@ -8,7 +8,8 @@ import pytest
 import mlx_llava
 from conftest import build_reference, save_reference
 from mlx_llava.convert import convert
-from mlx_llava.processor import conv_mode_from_name, settings, trained_conv_mode
+from mlx_llava.conversation import conv_mode_from_name, trained_conv_mode
+from mlx_llava.processor import settings
 from test_convert import clip_folder, write_original
 
 TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}<|assistant|>"

@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..conversation import get_template, render
+from ..conversation import IMAGE_PLACEHOLDER, get_template, render
 from ..errors import LlavaError
 from .rules import SHORT_ANSWER, exact_match, short_answer_samples
 from .world import scene_from_record
@@ -331,5 +331,5 @@ def chat_text(sample: dict, conv_mode: str) -> str:
     """A sample's conversation as text in the chat template, its image left out:
     what the language model reads before it ever sees an image."""
     messages = [{"role": "user" if t["from"] == "human" else "assistant",
-                 "content": t["value"].replace("<image>", "").strip()} for t in sample["conversations"]]
+                 "content": t["value"].replace(IMAGE_PLACEHOLDER, "").strip()} for t in sample["conversations"]]
     return render(messages, conv_mode, add_generation_prompt=False)

@@ -9,9 +9,10 @@ as on the real thing.
 
 from pathlib import Path
 
+from ..conversation import IMAGE_PLACEHOLDER
+
 SPECIALS = ["<unk>", "<s>", "</s>"]
 BYTES = [f"<0x{i:02X}>" for i in range(256)]
-IMAGE_TOKEN = "<image>"
 
 
 def train_tokenizer(texts, vocab_size: int, path, phrases=()) -> Path:
@@ -44,6 +45,6 @@ def train_tokenizer(texts, vocab_size: int, path, phrases=()) -> Path:
     )
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                       unk_token="<unk>", model_max_length=2048)
-    wrapped.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    wrapped.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER]})
     wrapped.save_pretrained(str(path))
     return Path(path)

@@ -6,13 +6,14 @@ mlx-lm's own registry. Parameter names follow llava-hf / mlx-vlm:
 `language_model.model.*`, `language_model.lm_head.*`.
 """
 
+import importlib
 from dataclasses import dataclass, field
 from typing import List, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs
-from mlx_lm.utils import _get_classes
+from mlx_lm.utils import MODEL_ARCHITECTURE_REMAPPING, MODEL_REMAPPING
 
 from ..errors import LlavaError
 from .clip import VisionConfig, VisionTower, vision_config_with_defaults
@@ -126,15 +127,28 @@ class ModelArgs(BaseModelArgs):
         layer = self.vision_feature_layer
         return [layer] if isinstance(layer, int) else list(layer)
 
+    @property
+    def num_visual_tokens(self) -> int:
+        """Visual tokens one image becomes (576 for CLIP ViT-L/14 at 336 px)."""
+        n = VisionConfig.from_dict(self.vision_config).num_patches
+        return n if self.vision_feature_select_strategy == "default" else n + 1
+
 
 def language_model_classes(text_config: dict):
+    """(Model, ModelArgs) of mlx-lm's module for the text config's model type,
+    through mlx-lm's own registry (its remappings, then `mlx_lm.models.<type>`)."""
+    model_type = text_config.get("model_type")
+    model_type = MODEL_REMAPPING.get(model_type, model_type)
+    for architecture in text_config.get("architectures") or ():
+        model_type = MODEL_ARCHITECTURE_REMAPPING.get((text_config.get("model_type"), architecture), model_type)
     try:
-        return _get_classes(text_config)
-    except ValueError:
+        module = importlib.import_module(f"mlx_lm.models.{model_type}")
+    except ImportError:
         raise LlavaError(
             f"unknown language model architecture {text_config.get('model_type')!r} "
             "(mlx-lm has no model of that type)"
         ) from None
+    return module.Model, module.ModelArgs
 
 
 def merge_visual_tokens(embeds, input_ids, features, image_token_index, check: bool = True):
@@ -183,9 +197,7 @@ class Model(nn.Module):
 
     @property
     def num_visual_tokens(self) -> int:
-        """Visual tokens one image becomes (576 for CLIP ViT-L/14 at 336 px)."""
-        n = self.vision_tower.config.num_patches
-        return n if self.args.vision_feature_select_strategy == "default" else n + 1
+        return self.args.num_visual_tokens
 
     def vision_features(self, pixel_values: mx.array) -> mx.array:
         """(N, H, W, 3) pixels -> (N, T, C) the vision tower's selected features,
