@@ -17,6 +17,7 @@ folder is removed.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -29,7 +30,7 @@ import mlx.core as mx
 
 from mlx_llava.errors import LlavaError
 
-from . import files, formats, hub, writer
+from . import files, formats, hub, original, writer
 
 __all__ = ["convert", "Summary"]
 
@@ -111,7 +112,7 @@ def convert(
         raise LlavaError(f"{out} already exists (pass --force to replace it)")
 
     folder = hub.fetch(hf_path, "model")
-    source = formats.open_source(folder, formats.model_name(hf_path), vision_tower, model_base)
+    source = open_source(folder, formats.model_name(hf_path), vision_tower, model_base)
     if conv_mode is not None:
         source.config["conv_mode"] = conv_mode
     tokenizer = files.load_tokenizer(source.tokenizer, source.extra_tokens)
@@ -145,6 +146,26 @@ def _check_conv_mode(conv_mode: str):
 
     if conv_mode != CHAT_TEMPLATE:
         get_template(conv_mode)
+
+
+def open_source(folder: Path, name: str, vision_tower=None, model_base=None) -> formats.Source:
+    """The source folder, in whichever layout it is (`formats.detect`), opened for conversion."""
+    kind = formats.detect(folder)
+    if re.search(r"delta-v\d", name.lower()):
+        raise LlavaError(
+            f"{name} holds delta weights (differences from LLaMA): apply them to LLaMA first with the"
+            " original's `python -m llava.model.apply_delta`, then convert the result"
+        )
+    if kind in ("stage-1", "lora") and model_base is None:
+        what = "a lone mm_projector.bin (stage-1 output)" if kind == "stage-1" else "a LoRA adapter"
+        raise LlavaError(f"{folder} holds {what}: pass --model-base with the language model it was trained on")
+    if kind == "original":
+        return original.read_original(folder, name, vision_tower)
+    if kind == "stage-1":
+        return original.read_stage1(folder, name, vision_tower, model_base)
+    if kind == "lora":
+        return original.read_lora(folder, name, vision_tower, model_base)
+    return formats.read_llava_hf(folder, name, kind)
 
 
 def _choose_template(source: formats.Source, config: dict, tokenizer) -> dict:

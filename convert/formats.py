@@ -9,15 +9,14 @@ Five layouts are read:
 - "llava-hf": LlavaForConditionalGeneration (`text_config`/`vision_config`);
 - "mlx-vlm": the same config with MLX weights, possibly quantized.
 
-The first three live in `original.py`; this module holds the dispatch, the
-llava-hf / mlx-vlm reader and what all of them share (the CLIP vision tower,
-tensor renames, the conversation template rule).
+The first three live in `original.py`; this module tells the layouts apart
+(`detect`; `convert.open_source` dispatches on it), reads llava-hf / mlx-vlm,
+and holds what all of them share (the CLIP vision tower, tensor renames).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -28,8 +27,8 @@ from mlx_llava.errors import LlavaError
 from mlx_llava.models.llava import llava_config, rename, text_config_with_defaults
 from mlx_llava.weights import clip_weights, load_config, read_clip_config
 
-from .tensors import Tensor, model_files, read_files, safetensors_metadata
 from .hub import fetch
+from .tensors import Tensor, model_files, read_files, safetensors_metadata
 
 LLAVA_TYPES = ("llava", "llava_llama", "llava_mistral")
 
@@ -84,27 +83,6 @@ def detect(folder: Path) -> str:
         f"unknown architecture {model_type!r}: not a LLaVA checkpoint"
         " (no text_config/vision_config, and no mm_* fields of the original LLaVA)"
     )
-
-
-def open_source(folder: Path, name: str, vision_tower=None, model_base=None) -> Source:
-    from . import original
-
-    kind = detect(folder)
-    if re.search(r"delta-v\d", name.lower()):
-        raise LlavaError(
-            f"{name} holds delta weights (differences from LLaMA): apply them to LLaMA first with the"
-            " original's `python -m llava.model.apply_delta`, then convert the result"
-        )
-    if kind in ("stage-1", "lora") and model_base is None:
-        what = "a lone mm_projector.bin (stage-1 output)" if kind == "stage-1" else "a LoRA adapter"
-        raise LlavaError(f"{folder} holds {what}: pass --model-base with the language model it was trained on")
-    if kind == "original":
-        return original.read_original(folder, name, vision_tower)
-    if kind == "stage-1":
-        return original.read_stage1(folder, name, vision_tower, model_base)
-    if kind == "lora":
-        return original.read_lora(folder, name, vision_tower, model_base)
-    return read_llava_hf(folder, name, kind)
 
 
 # ---------------------------------------------------------------- shared
