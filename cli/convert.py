@@ -16,9 +16,9 @@ def convert(
     mlx_path: Annotated[str, Opt("--mlx-path", help="Output folder.")] = "mlx_model",
     dtype: Annotated[Optional[str], Opt("--dtype", help="float16, bfloat16 or float32, for unquantized weights. Default: float16 (an MLX source keeps its own).")] = None,
     quantize: Annotated[bool, Opt("-q", "--quantize", help="Quantize, as mlx-lm does (embeddings and lm_head too).")] = False,
-    q_bits: Annotated[int, Opt("--q-bits", help="4 or 8.")] = 4,
-    q_group_size: Annotated[int, Opt("--q-group-size", help="32, 64 or 128.")] = 64,
-    quantize_vision: Annotated[bool, Opt("--quantize-vision", help="Quantize the vision tower as well.")] = False,
+    q_bits: Annotated[Optional[int], Opt("--q-bits", help="With -q: 4 or 8 (default 4). Refused without -q.")] = None,
+    q_group_size: Annotated[Optional[int], Opt("--q-group-size", help="With -q: 32, 64 or 128 (default 64). Refused without -q.")] = None,
+    quantize_vision: Annotated[bool, Opt("--quantize-vision", help="With -q: quantize the vision tower as well.")] = False,
     vision_tower: Annotated[Optional[str], Opt("--vision-tower", help="CLIP repo or folder, instead of the config's mm_vision_tower.")] = None,
     model_base: Annotated[Optional[str], Opt("--model-base", help="The language model a stage-1 or LoRA output was trained on.")] = None,
     conv_mode: Annotated[Optional[str], Opt("--conv-mode", help="Chat template to record (default: the original's rule from the model name).")] = None,
@@ -31,8 +31,11 @@ def convert(
 
     from mlx_llava.convert import convert as run
 
+    console = Console(stderr=True)
+    # Only on a terminal: elsewhere the bar leaves an empty line before an error.
     with Progress(TextColumn("converting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.description}"), console=Console(stderr=True), transient=True) as bar:
+                  TextColumn("{task.description}"), console=console, transient=True,
+                  disable=not console.is_terminal) as bar:
         task = bar.add_task("", total=None)
 
         def on_tensor(name, done, total):

@@ -25,6 +25,10 @@ def world(
     vqa_per_scene: Annotated[int, Opt("--vqa-per-scene", help="Short-answer (VQA) samples per training image.")] = 5,
 ):
     """The synthetic shapes world, taught by rules: images, COCO files, stage-1/2 data, eval questions."""
+    from mlx_llava.errors import check_output, need
+
+    need(seed >= 0, f"--seed must be 0 or more, not {seed}")
+    check_output(output, what="--output")
     from mlx_llava.datagen import build_dataset
 
     meta = build_dataset(output, n_train=train, n_test=test, seed=seed, image_size=image_size,
@@ -53,6 +57,12 @@ def instruct(
     Types: conversation, detail (detailed description), reasoning (complex
     reasoning). Rerun with the same --output to resume.
     """
+    from mlx_llava.errors import check_output, check_sampling, need
+
+    check_sampling(max_tokens=max_tokens, temperature=temperature, seed=seed)
+    need(limit is None or limit >= 1, f"--limit must be at least 1, not {limit}")
+    need(timeout > 0, f"--timeout must be more than 0 seconds, not {timeout}")
+    check_output(output, [captions, instances], "--output", folder=False)
     from mlx_llava.datagen import read_coco
     from mlx_llava.datagen.teacher import instruct as run
     from mlx_llava.datagen.teacher import make_teacher, parse_types
@@ -74,6 +84,10 @@ def stage1(
     seed: Annotated[int, Opt("--seed")] = 0,
 ):
     """Stage-1 data: each image-caption pair as a "describe the image briefly" sample."""
+    from mlx_llava.errors import check_output, need
+
+    need(seed >= 0, f"--seed must be 0 or more, not {seed}")
+    check_output(output, [captions], "--output", folder=False)
     from mlx_llava.datagen import read_coco, stage1_samples
 
     pairs = [(r["file_name"], c) for r in read_coco(captions) for c in r["captions"]]

@@ -22,9 +22,12 @@ def train_demo(
     seed: Annotated[int, Opt("--seed")] = 0,
 ):
     """World -> data -> tokenizer -> language model -> CLIP -> stage 1 -> stage 2 -> held-out eval."""
+    from mlx_llava.errors import LlavaError, check_output, need
+
+    need(seed >= 0, f"--seed must be 0 or more, not {seed}")
+    check_output(output, what="--output")
     from mlx_llava.demo import Recipe, build, install_model
     from mlx_llava.demo.recipe import SHIPPED, VARIANTS
-    from mlx_llava.errors import LlavaError
     from mlx_llava.eval import table
 
     variants = tuple(variant or (VARIANTS if ablation else [SHIPPED]))
