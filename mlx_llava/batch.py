@@ -21,7 +21,8 @@ single one, which flips a token only where two logits tie to those bits.
 """
 
 from dataclasses import dataclass, field
-from typing import Iterator, List, Optional, Sequence
+from itertools import islice
+from typing import Iterable, Iterator, List, Optional, Sequence
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator as _MLXBatchGenerator
@@ -199,18 +200,20 @@ class BatchGenerator:
         self.generator.close()
 
 
-def stream_batch(model, processor, requests: Sequence[Request], batch_size: int = 8) -> Iterator[Response]:
-    """Decode `requests`, at most `batch_size` at once, topping the batch up as
-    requests finish (each refill's images in one vision-tower call). Yields
-    every Response; `uid` is the request's index in `requests`."""
+def stream_batch(model, processor, requests: Iterable[Request], batch_size: int = 8) -> Iterator[Response]:
+    """Decode `requests` (any iterable, read as the batch has room), at most
+    `batch_size` at once, topping the batch up as requests finish (each
+    refill's images in one vision-tower call). Yields every Response; `uid`
+    is the request's position in `requests`."""
     gen = BatchGenerator(model, processor, max_batch_size=batch_size)
-    index, pending = {}, list(enumerate(requests))[::-1]
+    index, pending, position = {}, iter(requests), 0
     try:
-        while pending or len(gen):
-            if pending and len(gen) < batch_size:
-                take = [pending.pop() for _ in range(min(batch_size - len(gen), len(pending)))]
-                for uid, (i, _) in zip(gen.insert([r for _, r in take]), take):
-                    index[uid] = i
+        while True:
+            take = list(islice(pending, batch_size - len(gen))) if len(gen) < batch_size else []
+            for uid in gen.insert(take):
+                index[uid], position = position, position + 1
+            if not len(gen):
+                return
             for response in gen.next():
                 response.uid = index.pop(response.uid) if response.finish_reason else index[response.uid]
                 yield response
