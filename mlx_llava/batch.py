@@ -89,7 +89,8 @@ class BatchGenerator:
     `insert` may be called at any time, also while others decode; `next`
     advances every running request by one token; `remove` drops requests
     (a client that went away). `max_batch_size` bounds how many decode at
-    once; more wait their turn inside mlx-lm.
+    once; more wait their turn inside mlx-lm. Call it from one thread (a
+    server's generation loop), as mlx-lm's own.
     """
 
     def __init__(self, model, processor, max_batch_size: int = 8, prefill_step_size: int = 2048):
@@ -97,7 +98,6 @@ class BatchGenerator:
         self.processor = processor
         self.prefill_step_size = prefill_step_size
         eos = sorted(processor.tokenizer.eos_token_ids)
-        self.eos = set(eos)
         self.generator = _MLXBatchGenerator(
             model.language_model,
             stop_tokens=[[t] for t in eos],
