@@ -2,11 +2,12 @@
 
 The demo model answers its 195 shipped held-out questions through
 `mlx_llava.eval.answer` (what `eval answer` runs, into a fresh answer file),
-once per batch size per round; "one at a time" is the old path, one
-`generate` call per question. The machine is shared, so the batch sizes are
-interleaved round by round (each round in a new order) and the median over
-rounds is reported, with the load average seen during each run. Every run's
-answers are checked equal to the one-at-a-time answers.
+once per batch size per round; "one at a time" is one `generate` call per
+question, "chat per image" the way `mlx-llava eval` answered before batching.
+The machine is shared, so the settings are interleaved round by round (each
+round in a new order) and the median over rounds is reported, with the load
+average seen during the runs. Every run's answers are checked equal to the
+one-at-a-time answers.
 
     python benchmarks/eval_batch.py [--rounds 5] [--sizes 1,2,4,8,16,32] [--out benchmarks/eval_batch.md]
 """
@@ -34,6 +35,23 @@ def one_at_a_time(model, processor, questions, folder):
                      conv_mode=processor.train_conv_mode).strip() for q in questions]
 
 
+def chat_per_image(model, processor, questions, folder):
+    """The held-out check as `mlx-llava eval` ran it before batching: one Chat per
+    image, restarted for each of its questions, so that the image's visual tokens
+    and the shared prompt prefix are computed once per image."""
+    from mlx_llava import Chat
+    from mlx_llava.eval.answer import load_eval_image
+
+    texts, chat, current = [], None, None
+    for q in questions:
+        if q.image != current:
+            chat, current = Chat(model, processor, image=load_eval_image(folder / q.image),
+                                 conv_mode=processor.train_conv_mode), q.image
+        chat.restart()
+        texts.append(chat.say(q.text, max_tokens=16).strip())
+    return texts
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
@@ -51,17 +69,20 @@ def main():
     folder = heldout_dir() / "images"
     answer(model, processor, questions[:16], folder, Path(tempfile.mkdtemp()) / "warm.jsonl", max_new_tokens=16)
     reference = one_at_a_time(model, processor, questions, folder)
-    runs = {s: [] for s in ["one at a time"] + sizes}
+    settings = ["one at a time", "chat per image"] + sizes
+    runs = {s: [] for s in settings}
     loads = []
     rng = random.Random(0)
     for r in range(args.rounds):
-        order = ["one at a time"] + sizes
+        order = list(settings)
         rng.shuffle(order)
         for size in order:
             before = os.getloadavg()[0]
             tic = time.perf_counter()
             if size == "one at a time":
                 texts = one_at_a_time(model, processor, questions, folder)
+            elif size == "chat per image":
+                texts = chat_per_image(model, processor, questions, folder)
             else:
                 out = Path(tempfile.mkdtemp()) / "answers.jsonl"
                 answer(model, processor, questions, folder, out, batch_size=size, max_new_tokens=16)
@@ -90,7 +111,9 @@ python benchmarks/eval_batch.py --rounds {args.rounds} --sizes {args.sizes}
 
 The demo model (7 MB; 9 visual tokens per image, 4 layers of width 128) answers its 195 shipped
 held-out questions (greedy, at most 16 new tokens) through `mlx_llava.eval.answer`, into a fresh
-answer file; "one at a time" is one `generate` call per question. Model loading is not timed.
+answer file; "one at a time" is one `generate` call per question; "chat per image" is how
+`mlx-llava eval` answered before batching (one `Chat` per image, restarted per question, so the
+image and the shared prompt prefix are computed once per image). Model loading is not timed.
 Each round runs every setting once, in a new random order; {args.rounds} rounds. Every run's
 answers equal the one-at-a-time answers.
 
