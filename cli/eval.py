@@ -65,6 +65,7 @@ def answer(
 ):
     """Answer a question file as the original's eval scripts do (greedy, the model's trained template)."""
     from mlx_llava.eval import answer as run
+    from mlx_llava.eval.answer import eval_conv_mode
     from mlx_llava.eval.questions import default_image_folder, read_questions
 
     from .options import load
@@ -76,7 +77,7 @@ def answer(
     fmt, asked = read_questions(questions, single_pred_prompt)
     folder = image_folder or default_image_folder(questions, fmt)
     llava, processor = load(model, quantize)
-    conv = conv_mode or processor.train_conv_mode
+    conv = conv_mode or eval_conv_mode(processor)
     limit_text = f", the first {limit}" if limit is not None else ""
     typer.echo(f"{len(asked)} questions ({fmt}){limit_text}; template {conv}; batch size {batch_size}", err=True)
     result = run(llava, processor, asked, folder, answers, model_id=model_name(model), conv_mode=conv,

@@ -149,6 +149,24 @@ def test_resume(loaded, images, questions_file, tmp_path):
     assert again["written"] == 0 and len(read_answers(out)) == 6
     limited = answer(model, processor, questions, images, tmp_path / "two.jsonl", max_new_tokens=5, limit=2)
     assert limited["questions"] == 2 and len(read_answers(tmp_path / "two.jsonl")) == 2
+    more = answer(model, processor, questions, images, tmp_path / "two.jsonl", max_new_tokens=5, limit=4)
+    assert (more["already_answered"], more["written"]) == (2, 2)
+    with pytest.raises(LlavaError, match="other questions"):
+        answer(model, processor, questions[::-1], images, out, max_new_tokens=5)
+
+
+def test_resume_with_shared_question_ids(loaded, images, tmp_path):
+    """MME asks two questions per id (subtask/image): a rerun continues after the last line."""
+    from mlx_llava.eval import Question
+
+    model, processor = loaded
+    questions = [Question(f"task/{k // 2}.png", f"Question {k}?", f"{k // 2}.png") for k in range(6)]
+    out = tmp_path / "mme.jsonl"
+    answer(model, processor, questions, images, out, max_new_tokens=3, limit=3)
+    result = answer(model, processor, questions, images, out, max_new_tokens=3)
+    assert (result["already_answered"], result["written"]) == (3, 3)
+    lines = read_answers(out)
+    assert [l["prompt"] for l in lines] == [f"Question {k}?" for k in range(6)]
 
 
 def test_not_an_answer_file(loaded, tmp_path, questions_file, images):
@@ -200,3 +218,30 @@ def test_report(tmp_path):
     assert (tmp_path / "report" / "report.md").read_text().startswith("## heldout")
     run = cli("report", *map(str, paths[:2]), "--name", "A", "--name", "B")
     assert run.returncode == 0 and "| A | 90.00 | 50.00 | 70.00 |" in run.stdout
+
+
+# The shape of llava-hf's LLaVA-1.5 chat template (chat_template.json of llava-1.5-7b-hf):
+# "USER: " + "<image>\n" per image + the text + " ", then "ASSISTANT:".
+LLAVA_HF_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("template, expected", [
+    (LLAVA_HF_TEMPLATE, "vicuna_v1"),  # LLaVA-1.5 weights: evaluated as the original evaluated them
+    ("{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}<|assistant|>", "chat_template"),  # its own format
+])
+def test_eval_template_of_a_llava_hf_model(model_dir, tmp_path, template, expected):
+    import shutil
+
+    from mlx_llava.eval.answer import eval_conv_mode
+
+    folder = tmp_path / "llava-hf"
+    shutil.copytree(model_dir, folder)
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    _, processor = mlx_llava.load(folder)
+    assert processor.conv_mode == "chat_template"
+    assert eval_conv_mode(processor) == expected

@@ -24,7 +24,11 @@ from typing import Iterator, Optional
 from PIL import Image
 
 from ..batch import Request, stream_batch
+from ..conversation import CHAT_TEMPLATE, IMAGE_PLACEHOLDER
 from ..errors import LlavaError
+
+# What llava-hf's LLaVA-1.5 chat template makes of one question: vicuna_v1 without its system message.
+_LLAVA_HF_15 = f"USER: {IMAGE_PLACEHOLDER}\nQ ASSISTANT:"
 
 
 def read_answers(path, repair: bool = False) -> list:
@@ -58,6 +62,23 @@ def key(question_id) -> str:
     return json.dumps(question_id)
 
 
+def eval_conv_mode(processor) -> str:
+    """The template the original's eval scripts ask this model in: the one it was
+    trained with (vicuna_v1 for LLaVA-1.5). A llava-hf conversion of LLaVA-1.5
+    carries a chat template that is vicuna_v1 without its system message; the
+    original evaluated those weights in vicuna_v1, so they get it here too."""
+    mode = processor.train_conv_mode
+    if mode == CHAT_TEMPLATE:
+        try:
+            rendered = processor.prompt([{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\nQ"}])
+        except LlavaError:
+            return mode
+        bos = getattr(processor.tokenizer, "bos_token", None) or ""
+        if rendered.removeprefix(bos).strip() == _LLAVA_HF_15:
+            return "vicuna_v1"
+    return mode
+
+
 def load_eval_image(path) -> Image.Image:
     """An image as the original's eval scripts open it."""
     try:
@@ -76,7 +97,7 @@ def answer_lines(model, processor, questions, image_folder, *, model_id: str = "
     decoded `batch_size` at a time."""
     questions = list(questions)
     folder = Path(image_folder) if image_folder is not None else None
-    conv_mode = conv_mode or processor.train_conv_mode
+    conv_mode = conv_mode or eval_conv_mode(processor)
 
     def requests():
         for q in questions:
@@ -105,15 +126,21 @@ def answer_lines(model, processor, questions, image_folder, *, model_id: str = "
 def answer(model, processor, questions, image_folder, output, *, limit: Optional[int] = None,
            progress: bool = False, on_answer=None, **options) -> dict:
     """Answer `questions` (the first `limit`) into the JSONL file `output`,
-    skipping those it already holds. `options`: those of `answer_lines`.
-    Returns counts and answers/s."""
+    continuing after the answers it already holds (to the same questions, in
+    order). `options`: those of `answer_lines`. Returns counts and answers/s."""
     if options.get("batch_size", 1) < 1 or options.get("max_new_tokens", 1) < 1 or (limit is not None and limit < 0):
         raise LlavaError("--batch-size and --max-new-tokens must be >= 1, --limit >= 0")
-    questions = list(questions)[:limit]
+    everything = list(questions)
+    questions = everything[:limit]
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    done = {key(a["question_id"]) for a in read_answers(output, repair=True)}
-    todo = [q for q in questions if key(q.question_id) not in done]
+    # Lines are written in question order, so a rerun continues after the last one
+    # (ids alone cannot say which are done: MME asks two questions per id).
+    written_before = [key(a["question_id"]) for a in read_answers(output, repair=True)]
+    if written_before != [key(q.question_id) for q in everything[: len(written_before)]]:
+        raise LlavaError(f"{output} holds answers to other questions, or in another order, than these: "
+                         "answer into another file")
+    todo = questions[len(written_before):]
     written, start = 0, time.perf_counter()
     with open(output, "ab", buffering=0) as out, _Progress(len(questions), len(questions) - len(todo), progress) as bar:
         for line in answer_lines(model, processor, todo, image_folder, **options):
