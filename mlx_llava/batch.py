@@ -40,7 +40,8 @@ from .image import load_image
 @dataclass
 class Request:
     """One conversation to answer: `messages` ({"role", "content"}, `<image>` where
-    each image goes) and its `images` in placeholder order."""
+    each image goes) and its `images` in placeholder order. `prompt`, when
+    given, is the prompt text itself, already in a template (messages ignored)."""
 
     messages: List[dict]
     images: Sequence = ()
@@ -49,6 +50,7 @@ class Request:
     top_p: float = 1.0
     repetition_penalty: Optional[float] = None
     conv_mode: Optional[str] = None
+    prompt: Optional[str] = None
 
     @classmethod
     def ask(cls, question: str, image=None, system: Optional[str] = None, **options) -> "Request":
@@ -115,13 +117,19 @@ class BatchGenerator:
 
     def prompt_ids(self, request: Request) -> list:
         """The request's prompt token ids, `<image>` expanded to visual tokens."""
-        placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in request.messages if m["role"] == "user")
+        if request.prompt is not None:
+            placeholders = request.prompt.count(IMAGE_PLACEHOLDER)
+        else:
+            placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in request.messages if m["role"] == "user")
         if placeholders != len(request.images):
             raise LlavaError(
                 f"the conversation has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) "
                 f"but {len(request.images)} image(s)"
             )
-        ids = self.processor.encode(self.processor.prompt(request.messages, conv_mode=request.conv_mode))
+        text = request.prompt
+        if text is None:
+            text = self.processor.prompt(request.messages, conv_mode=request.conv_mode)
+        ids = self.processor.encode(text)
         context = self.processor.context_length
         if len(ids) >= context:
             raise LlavaError(

@@ -245,3 +245,16 @@ def test_eval_template_of_a_llava_hf_model(model_dir, tmp_path, template, expect
     _, processor = mlx_llava.load(folder)
     assert processor.conv_mode == "chat_template"
     assert eval_conv_mode(processor) == expected
+
+
+def test_prompt_as_the_original_builds_it(loaded):
+    """conv.append_message(USER, "<image>\\n" + text): the text as the file has it, spaces and all."""
+    from mlx_llava.eval import Question
+    from mlx_llava.eval.answer import eval_prompt
+
+    _, processor = loaded
+    system = ("A chat between a curious user and an artificial intelligence assistant. "
+              "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+    assert eval_prompt(processor, Question(1, " What is it?\n", "0.png"), "vicuna_v1") == (
+        f"{system} USER: <image>\n What is it?\n ASSISTANT:")
+    assert eval_prompt(processor, Question(2, "Pick A or B.", None), "vicuna_v1") == f"{system} USER: Pick A or B. ASSISTANT:"

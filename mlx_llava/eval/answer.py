@@ -79,6 +79,16 @@ def eval_conv_mode(processor) -> str:
     return mode
 
 
+def eval_prompt(processor, question, conv_mode: str) -> str:
+    """The prompt the original's eval scripts build: one user turn, "<image>\n" then
+    the question exactly as the file has it (the chat path strips a question's
+    surrounding whitespace; the original's scripts do not)."""
+    mark = "\x00question\x00"
+    content = f"{IMAGE_PLACEHOLDER}\n{mark}" if question.image is not None else mark
+    rendered = processor.prompt([{"role": "user", "content": content}], conv_mode=conv_mode)
+    return rendered.replace(mark, question.text)
+
+
 def load_eval_image(path) -> Image.Image:
     """An image as the original's eval scripts open it."""
     try:
@@ -106,8 +116,8 @@ def answer_lines(model, processor, questions, image_folder, *, model_id: str = "
                 if folder is None:
                     raise LlavaError("these questions have images: give --image-folder")
                 image = load_eval_image(folder / q.image)
-            yield Request.ask(q.text, image=image, max_tokens=max_new_tokens, temperature=temperature,
-                              top_p=1.0 if top_p is None else top_p, conv_mode=conv_mode)
+            yield Request([], [] if image is None else [image], max_tokens=max_new_tokens, temperature=temperature,
+                          top_p=1.0 if top_p is None else top_p, prompt=eval_prompt(processor, q, conv_mode))
 
     texts, finished, next_out = [[] for _ in questions], {}, 0
     for response in stream_batch(model, processor, requests(), batch_size):
