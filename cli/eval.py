@@ -224,7 +224,7 @@ def score_llava_bench(
                               retry_malformed=retry_malformed,
                               progress=lambda row: typer.echo(f"reviewed {row['id']}/{count}", err=True))
     result = llava_bench.summarize(done, judge_model, count)
-    _finish(result, llava_bench.render(result), answers, summary, reviews=reviews)
+    _finish(result, llava_bench.render(result), answers, summary, reviews_file=reviews)
 
 
 @score.command("heldout")

@@ -205,5 +205,6 @@ def test_cli(bench, tmp_path):
     assert run.returncode == 0, run.stderr
     assert "all 105.0 50.0 52.5" in run.stdout and "judge: judge-1" in run.stdout
     summary = json.loads((tmp_path / "answers.score.json").read_text())
-    assert summary["judge"] == "judge-1" and summary["main"] == 105.0
+    assert summary["judge"] == "judge-1" and summary["main"] == 105.0 and summary["reviews"] == 4
+    assert summary["reviews_file"].endswith("answers.reviews-judge-1.jsonl") and summary["malformed"] == 1
     assert (tmp_path / "answers.reviews-judge-1.jsonl").is_file()
