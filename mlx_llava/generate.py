@@ -149,8 +149,15 @@ def stream_generate(model, processor, prompt: str, image=None, **kwargs) -> Iter
     yield from chat.ask(prompt, **kwargs)
 
 
-def generate(model, processor, prompt: str, image=None, verbose: bool = False, **kwargs) -> str:
-    """One question's whole answer; with `verbose`, stream it and print the speeds."""
+def generate(model, processor, prompt, image=None, verbose: bool = False, batch_size: int = 8, **kwargs):
+    """One question's whole answer; with `verbose`, stream it and print the speeds.
+
+    `prompt` a list: each question's answer, in order, decoded together
+    `batch_size` at a time (`mlx_llava.batch`); `image` is then one image
+    for all, or a list with one (or None) per question. Greedy answers equal
+    those of one question at a time."""
+    if isinstance(prompt, (list, tuple)):
+        return _generate_many(model, processor, list(prompt), image, batch_size, **kwargs)
     text, last = [], None
     for last in stream_generate(model, processor, prompt, image, **kwargs):
         text.append(last.text)
@@ -159,6 +166,19 @@ def generate(model, processor, prompt: str, image=None, verbose: bool = False, *
     if verbose and last is not None:
         print(f"\n{speed_line(last)}")
     return "".join(text)
+
+
+def _generate_many(model, processor, prompts: list, image, batch_size: int, system=None, seed=None,
+                   **options) -> list:
+    from .batch import Request, batch_generate
+
+    images = image if isinstance(image, (list, tuple)) else [image] * len(prompts)
+    if len(images) != len(prompts):
+        raise LlavaError(f"{len(prompts)} prompts but {len(images)} images")
+    if seed is not None:
+        mx.random.seed(seed)
+    requests = [Request.ask(p, image=i, system=system, **options) for p, i in zip(prompts, images)]
+    return batch_generate(model, processor, requests, batch_size=batch_size)
 
 
 def speed_line(r: GenerationResponse) -> str:
