@@ -93,11 +93,13 @@ class PrefixCache:
     holds the keys and values of its whole key; a request reuses the longest
     common prefix of any entry (cut back to an image's start, never into it)
     and prefills only the rest. Least recently used entries go first once
-    they hold more than `max_bytes`.
+    they hold more than `max_bytes`, or are more than `max_entries` (each
+    lookup compares the new key with every entry's).
     """
 
-    def __init__(self, max_bytes: int = 1 << 30):
+    def __init__(self, max_bytes: int = 1 << 30, max_entries: int = 64):
         self.max_bytes = max_bytes
+        self.max_entries = max_entries
         self.entries = OrderedDict()  # key (tuple) -> [KVCache per layer]
         self.nbytes = 0
         self.hits = 0
@@ -136,7 +138,7 @@ class PrefixCache:
         mx.eval([c.state for c in kept])
         self.entries[key] = kept
         self.nbytes += sum(c.nbytes for c in kept)
-        while self.nbytes > self.max_bytes and self.entries:
+        while self.entries and (self.nbytes > self.max_bytes or len(self.entries) > self.max_entries):
             self._drop(next(iter(self.entries)))
 
     def _drop(self, key):
@@ -193,8 +195,6 @@ class BatchGenerator:
 
     def __init__(self, model, processor, max_batch_size: int = 8, prefill_step_size: int = 2048,
                  prefix_cache: Optional[PrefixCache] = None):
-        from .generate import only_text_tokens
-
         self.model = model
         self.processor = processor
         self.prefill_step_size = prefill_step_size
@@ -259,9 +259,12 @@ class BatchGenerator:
             encoded = self.model.encode_images(self.processor.preprocess(list(todo.values())))
             features = dict(zip(todo, encoded))
         caches = []
-        for ids, key, ds in zip(prompts, keys, digests):
+        for ids, key, imgs, ds in zip(prompts, keys, images, digests):
             start, cached = self.reusable(key)  # again: an earlier prompt of this insert may be kept now
             mine = ds[self.images_before(ids, start):]
+            missing = {d: i for d, i in zip(ds, imgs) if d in mine and d not in features}
+            if missing:  # its first-pass prefix was evicted meanwhile
+                features.update(zip(missing, self.model.encode_images(self.processor.preprocess(list(missing.values())))))
             cache = PrefixCache.reuse(cached, start) if start else None
             if start:
                 self.prefix_cache.hits += 1
@@ -356,6 +359,21 @@ class BatchGenerator:
 
     def close(self):
         self.generator.close()
+
+
+def only_text_tokens(model, processor):
+    """A logits processor that never picks the image token nor an id past the
+    tokenizer's vocabulary: llava-hf pads the output layer (32064 rows for
+    32002 tokens), and such ids decode to nothing."""
+    rows = model.language_model.model.embed_tokens.weight.shape[0]
+    known = min(rows, len(getattr(processor.tokenizer, "_tokenizer", processor.tokenizer)))
+    ids = mx.arange(rows)
+    keep = (ids < known) & (ids != processor.image_token_index)
+
+    def mask(tokens, logits):
+        return mx.where(keep[: logits.shape[-1]], logits, -mx.inf)
+
+    return mask
 
 
 def sampler(request: Request):

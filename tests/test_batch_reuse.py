@@ -129,6 +129,11 @@ def test_prefix_cache_stays_within_its_bytes(loaded, pictures):
         run(gen, [Request.ask("Hello", image=pictures[k], max_tokens=4)])
         assert small.nbytes <= small.max_bytes and len(small) == 1  # the newest only
     assert small.lookup(gen.key(gen.prompt_ids(Request.ask("Hello", image=pictures[2])), ["x"]))[0] > 0
+    few = PrefixCache(max_entries=2)
+    gen = BatchGenerator(model, processor, prefix_cache=few)
+    for k in range(3):
+        run(gen, [Request.ask("Hello", image=pictures[k], max_tokens=4)])
+    assert len(few) == 2
 
 
 def test_seeded_sampling_is_the_same_in_a_batch(loaded, pictures):
