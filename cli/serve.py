@@ -29,7 +29,7 @@ def serve(
     """Serve a model: OpenAI's /v1/chat/completions (streaming, images, continuous batching) and a chat page at /."""
     from mlx_llava.errors import need
 
-    need(1 <= port <= 65535 or port == 0, f"--port must be from 1 to 65535, not {port}")
+    need(0 <= port <= 65535, f"--port must be from 1 to 65535 (or 0: a free one), not {port}")
     need(max_batch >= 1, f"--max-batch must be 1 or more, not {max_batch}")
     need(max_queue >= 0, f"--max-queue must be 0 or more, not {max_queue}")
     need(max_body_mb > 0, f"--max-body-mb must be more than 0, not {max_body_mb}")
