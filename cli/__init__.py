@@ -41,7 +41,7 @@ def __getattr__(name):  # PEP 562: the typer app, made when a command module ask
 
 def register():
     """Import the command modules; each adds its commands to `app`."""
-    from . import chat, convert, datagen, demo, eval, generate, train  # noqa: F401
+    from . import chat, convert, datagen, demo, eval, generate, serve, train  # noqa: F401
 
 
 def fail(message: str, code: int = 1):

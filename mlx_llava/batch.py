@@ -23,14 +23,16 @@ bits (on MLX's CPU backend with OpenBLAS the batched log-probabilities were
 measured equal to the single ones, bit for bit; see tests/test_batch.py).
 """
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Iterable, Iterator, List, Optional, Sequence
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator as _MLXBatchGenerator
-from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.sample_utils import apply_top_p, make_logits_processors, make_sampler
 
 from .conversation import IMAGE_PLACEHOLDER
 from .errors import LlavaError
@@ -51,6 +53,7 @@ class Request:
     repetition_penalty: Optional[float] = None
     conv_mode: Optional[str] = None
     prompt: Optional[str] = None
+    seed: Optional[int] = None  # sampled as `generate(..., seed=)` samples, whatever else runs
 
     @classmethod
     def ask(cls, question: str, image=None, system: Optional[str] = None, **options) -> "Request":
@@ -83,6 +86,108 @@ class _Running:
     detokenizer: object
     prompt_tokens: int
     tokens: list = field(default_factory=list)
+    key: Optional[list] = None  # the prompt's PrefixCache key
+
+
+class PrefixCache:
+    """KV caches of recent prompts and answers, for later requests that begin
+    the same way (the same system message, images and history: the next turn
+    of a conversation, or another question about the same image).
+
+    A key is the token ids with each visual token standing for its image's
+    pixels (a digest), so different images never share a prefix. An entry
+    holds the keys and values of its whole key; a request reuses the longest
+    common prefix of any entry (cut back to an image's start, never into it)
+    and prefills only the rest. Least recently used entries go first once
+    they hold more than `max_bytes`, or are more than `max_entries` (each
+    lookup compares the new key with every entry's).
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30, max_entries: int = 64):
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self.entries = OrderedDict()  # key (tuple) -> [KVCache per layer]
+        self.nbytes = 0
+        self.hits = 0
+        self.reused_tokens = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def lookup(self, key) -> tuple:
+        """(length of the longest prefix of `key` held, that entry's cache or None)."""
+        best, best_n = None, 0
+        for k in self.entries:
+            n = _common_prefix(k, key)
+            if n > best_n:
+                best, best_n = k, n
+        if best is None:
+            return 0, None
+        self.entries.move_to_end(best)
+        return best_n, self.entries[best]
+
+    def store(self, key, cache: list):
+        """Keep `cache` (its first len(key) positions) under `key`; entries that
+        are prefixes of it are dropped, it covers them."""
+        key = tuple(key)
+        if not key or not all(type(c) is KVCache and c.offset >= len(key) for c in cache):
+            return
+        for k in [k for k in self.entries if len(k) <= len(key) and key[: len(k)] == k]:
+            self._drop(k)
+        n = len(key)
+        kept = []
+        for c in cache:
+            copy = KVCache()
+            copy.keys, copy.values = mx.contiguous(c.keys[..., :n, :]), mx.contiguous(c.values[..., :n, :])
+            copy.offset = n
+            kept.append(copy)
+        mx.eval([c.state for c in kept])
+        self.entries[key] = kept
+        self.nbytes += sum(c.nbytes for c in kept)
+        while self.entries and (self.nbytes > self.max_bytes or len(self.entries) > self.max_entries):
+            self._drop(next(iter(self.entries)))
+
+    def _drop(self, key):
+        self.nbytes -= sum(c.nbytes for c in self.entries.pop(key))
+
+    @staticmethod
+    def reuse(cache: list, n: int) -> list:
+        """A fresh cache holding the first `n` positions of `cache` (which stays as it is)."""
+        out = []
+        for c in cache:
+            copy = KVCache()
+            copy.keys, copy.values, copy.offset = c.keys[..., :n, :], c.values[..., :n, :], n
+            out.append(copy)
+        return out
+
+
+def _common_prefix(a, b) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def image_digest(image) -> str:
+    """Which image this is, by its pixels (a PIL image after load_image)."""
+    h = hashlib.sha1(f"{image.mode}{image.size}".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
+
+
+def seeded_sampler(temperature: float, top_p: float, seed: int):
+    """mlx-lm's sampler with a random key of its own: the draws `generate`
+    makes after `mx.random.seed(seed)`, however many requests sample at once."""
+    state = [mx.random.key(seed)]
+
+    def sampler(logprobs):
+        if 0 < top_p < 1:
+            logprobs = apply_top_p(logprobs, top_p)
+        state[0], key = mx.random.split(state[0])
+        return mx.random.categorical(logprobs * (1.0 / temperature), key=key)
+
+    return sampler
 
 
 class BatchGenerator:
@@ -95,10 +200,13 @@ class BatchGenerator:
     server's generation loop), as mlx-lm's own.
     """
 
-    def __init__(self, model, processor, max_batch_size: int = 8, prefill_step_size: int = 2048):
+    def __init__(self, model, processor, max_batch_size: int = 8, prefill_step_size: int = 2048,
+                 prefix_cache: Optional[PrefixCache] = None):
         self.model = model
         self.processor = processor
         self.prefill_step_size = prefill_step_size
+        self.prefix_cache = prefix_cache  # None: every prompt prefilled from scratch
+        self.text_only = only_text_tokens(model, processor)  # as generate masks its logits
         eos = sorted(processor.tokenizer.eos_token_ids)
         self.generator = _MLXBatchGenerator(
             model.language_model,
@@ -140,33 +248,100 @@ class BatchGenerator:
         return ids
 
     def insert(self, requests: Sequence[Request]) -> List[int]:
-        """Prefill `requests` and let them join the batch; returns their uids, in order."""
+        """Prefill `requests` and let them join the batch; returns their uids, in order.
+
+        With a prefix cache, each prompt starts from the longest cached prefix
+        it shares (images inside it are not encoded again) and its own cache is
+        kept for the requests after it."""
         requests = list(requests)
         if not requests:
             return []
         prompts = [self.prompt_ids(r) for r in requests]
-        images = [load_image(image) for r in requests for image in r.images]
-        features = None
-        if images:  # every image of these requests in one vision-tower call
-            features = self.model.encode_images(self.processor.preprocess(images))
-        mine, first = [], 0
-        for request in requests:
-            n = len(request.images)
-            mine.append(features[first : first + n] if n else None)
-            first += n
-        caches = self.prefill(prompts, mine)
+        images = [[load_image(image) for image in r.images] for r in requests]
+        digests = [[image_digest(i) for i in imgs] for imgs in images]
+        keys = [self.key(ids, d) for ids, d in zip(prompts, digests)]
+        reuse = [self.reusable(key) for key in keys]  # (positions from the prefix cache, its entry)
+        # Every image not inside a reused prefix, each distinct one once, in one vision-tower call.
+        todo = {}
+        for ids, (start, _), imgs, ds in zip(prompts, reuse, images, digests):
+            for image, d in list(zip(imgs, ds))[self.images_before(ids, start):]:
+                todo.setdefault(d, image)
+        features = {}
+        if todo:
+            encoded = self.model.encode_images(self.processor.preprocess(list(todo.values())))
+            features = dict(zip(todo, encoded))
+
+        def own(i, start):
+            mine = digests[i][self.images_before(prompts[i], start):]
+            return mx.stack([features[d] for d in mine]) if mine else None
+
+        # Prompts that start afresh are prefilled together; those continuing a cached prefix one by one.
+        caches = [None] * len(prompts)
+        fresh = [i for i, (start, _) in enumerate(reuse) if start == 0]
+        for i, cache in zip(fresh, self.prefill([prompts[i] for i in fresh], [own(i, 0) for i in fresh])):
+            caches[i] = cache
+        for i, (start, cached) in enumerate(reuse):
+            if start:
+                self.prefix_cache.hits += 1
+                self.prefix_cache.reused_tokens += start
+                caches[i] = self.prefill_from(prompts[i], own(i, start), PrefixCache.reuse(cached, start), start)
+        if self.prefix_cache is not None:
+            for key, ids, cache in zip(keys, prompts, caches):
+                self.prefix_cache.store(key[: len(ids) - 1], cache)
         max_tokens = [max(1, min(r.max_tokens, self.processor.context_length - len(ids)))
                       for r, ids in zip(requests, prompts)]
         uids = self.generator.insert(
             [[ids[-1]] for ids in prompts],
             max_tokens=max_tokens,
             caches=caches,
-            samplers=[None if r.temperature == 0 else make_sampler(r.temperature, r.top_p) for r in requests],
-            logits_processors=[make_logits_processors(repetition_penalty=r.repetition_penalty) for r in requests],
+            samplers=[sampler(r) for r in requests],
+            logits_processors=[make_logits_processors(repetition_penalty=r.repetition_penalty) + [self.text_only]
+                               for r in requests],
         )
-        for uid, ids in zip(uids, prompts):
-            self.running[uid] = _Running(self.processor.tokenizer.detokenizer, len(ids))
+        for uid, ids, key in zip(uids, prompts, keys):
+            self.running[uid] = _Running(self.processor.tokenizer.detokenizer, len(ids), key=key)
         return uids
+
+    def key(self, ids: list, digests: list) -> list:
+        """`ids` with each visual token replaced by its image's digest (PrefixCache's key)."""
+        token, per = self.processor.image_token_index, self.processor.num_visual_tokens
+        key, image, inside = list(ids), -1, 0
+        for i, t in enumerate(ids):
+            if t != token:
+                inside = 0
+                continue
+            if inside % per == 0:  # adjacent images make one run, `per` tokens each
+                image += 1
+            inside += 1
+            key[i] = ("image", digests[image])
+        return key
+
+    def reusable(self, key: list) -> tuple:
+        """(how many leading positions of `key` can come from the prefix cache, its entry)."""
+        if self.prefix_cache is None:
+            return 0, None
+        n, cached = self.prefix_cache.lookup(key)
+        n = min(n, len(key) - 1)  # at least the last token is fed
+        while 0 < n < len(key) and isinstance(key[n], tuple) and key[n - 1] == key[n]:
+            n -= 1  # never into an image: its visual tokens are merged whole
+        return (n, cached) if n > 0 else (0, None)
+
+    def images_before(self, ids: list, n: int) -> int:
+        """How many images lie wholly inside ids[:n] (n is at an image boundary)."""
+        return sum(1 for t in ids[:n] if t == self.processor.image_token_index) // self.processor.num_visual_tokens
+
+    def prefill_from(self, ids: list, features, cache: Optional[list] = None, start: int = 0) -> list:
+        """A KV cache holding all of `ids` but the last, from the merged embeddings,
+        in the chunks `mlx_lm.generate_step` uses (so the same arithmetic as one request alone).
+        `cache` already holding ids[:start]: only the rest is prefilled (`features` are its images')."""
+        lm = self.model.language_model
+        cache = make_prompt_cache(lm) if cache is None else cache
+        embeds = self.model.embed(mx.array([ids[start:]]), image_features=features)[0]
+        for first in range(start, len(ids) - 1, self.prefill_step_size):
+            end = min(first + self.prefill_step_size, len(ids) - 1)
+            lm(mx.array(ids[first:end])[None], cache=cache, input_embeddings=embeds[first - start : end - start][None])
+            mx.eval([c.state for c in cache])
+        return cache
 
     def prefill(self, prompts: list, features: list) -> list:
         """A KV cache per prompt holding all its tokens but the last, from the merged
@@ -174,6 +349,8 @@ class BatchGenerator:
         a real token never attends to padding) in the chunks `mlx_lm.generate_step`
         uses; each prompt's cache is then cut out of the batch's."""
         lm = self.model.language_model
+        if not prompts:
+            return []
         lengths = [len(ids) - 1 for ids in prompts]
         longest = max(lengths)
         if longest == 0:
@@ -214,6 +391,9 @@ class BatchGenerator:
             if r.finish_reason is not None:
                 detokenizer.finalize()
                 del self.running[r.uid]
+                if self.prefix_cache is not None and r.prompt_cache is not None and r.all_tokens:
+                    # The cache holds the prompt and every answer token (the next turn's history).
+                    self.prefix_cache.store(running.key + list(r.all_tokens[1:]), r.prompt_cache)
             out.append(Response(r.uid, r.token, detokenizer.last_segment, r.finish_reason,
                                 running.prompt_tokens, len(running.tokens), r.logprobs))
         return out
@@ -227,6 +407,30 @@ class BatchGenerator:
 
     def close(self):
         self.generator.close()
+
+
+def only_text_tokens(model, processor):
+    """A logits processor that never picks the image token nor an id past the
+    tokenizer's vocabulary: llava-hf pads the output layer (32064 rows for
+    32002 tokens), and such ids decode to nothing."""
+    rows = model.language_model.model.embed_tokens.weight.shape[0]
+    known = min(rows, len(getattr(processor.tokenizer, "_tokenizer", processor.tokenizer)))
+    ids = mx.arange(rows)
+    keep = (ids < known) & (ids != processor.image_token_index)
+
+    def mask(tokens, logits):
+        return mx.where(keep[: logits.shape[-1]], logits, -mx.inf)
+
+    return mask
+
+
+def sampler(request: Request):
+    """None (greedy, batched in one call), a seeded sampler, or mlx-lm's own."""
+    if request.temperature == 0:
+        return None
+    if request.seed is not None:
+        return seeded_sampler(request.temperature, request.top_p, request.seed)
+    return make_sampler(request.temperature, request.top_p)
 
 
 def stream_batch(model, processor, requests: Iterable[Request], batch_size: int = 8) -> Iterator[Response]:

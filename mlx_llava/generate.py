@@ -20,6 +20,7 @@ from mlx_lm.models.cache import (
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.utils import common_prefix_len
 
+from .batch import only_text_tokens  # the logits mask, one definition shared with batching
 from .conversation import IMAGE_PLACEHOLDER
 from .errors import LlavaError, check_sampling
 from .image import load_image
@@ -187,18 +188,3 @@ def speed_line(r: GenerationResponse) -> str:
         f"generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s | "
         f"peak memory: {r.peak_memory:.2f} GB"
     )
-
-
-def only_text_tokens(model, processor):
-    """A logits processor that never picks the image token nor an id past the
-    tokenizer's vocabulary: llava-hf pads the output layer (32064 rows for
-    32002 tokens), and such ids decode to nothing."""
-    rows = model.language_model.model.embed_tokens.weight.shape[0]
-    known = min(rows, len(getattr(processor.tokenizer, "_tokenizer", processor.tokenizer)))
-    ids = mx.arange(rows)
-    keep = (ids < known) & (ids != processor.image_token_index)
-
-    def mask(tokens, logits):
-        return mx.where(keep[: logits.shape[-1]], logits, -mx.inf)
-
-    return mask
