@@ -284,7 +284,7 @@ def tokenize(tokenizer, text: str, image_token_index: int, num_visual_tokens: in
     The text between `<image>`s is tokenized piece by piece with the
     tokenizer's special tokens; the first piece keeps its BOS, the others lose
     their first token (their BOS); each `<image>` becomes `num_visual_tokens`
-    copies of `image_token_index`. So the ids do not depend on whether
+    copies of `image_token_index` (a list: the k-th image's count for the k-th). So the ids do not depend on whether
     `<image>` is in the vocabulary. One addition: a text that already starts
     with the BOS string (some chat templates write it) gets one BOS, not two,
     as mlx-lm does. (The original's templates never start with it.)
@@ -301,9 +301,11 @@ def _tokenizer_image_token(tokenizer, text, image_token_index, num_visual_tokens
     chunks = [list(tokenizer.encode(piece)) for piece in text.split(IMAGE_PLACEHOLDER)]
     bos = tokenizer.bos_token_id
     drop = 1 if bos is not None and chunks[0][:1] == [bos] else 0
+    counts = num_visual_tokens if isinstance(num_visual_tokens, (list, tuple)) else \
+        [num_visual_tokens] * (len(chunks) - 1)
     ids = chunks[0]
-    for chunk in chunks[1:]:
-        ids += [image_token_index] * num_visual_tokens + chunk[drop:]
+    for chunk, count in zip(chunks[1:], counts):
+        ids += [image_token_index] * count + chunk[drop:]
     return ids
 
 

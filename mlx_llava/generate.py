@@ -41,7 +41,7 @@ class Chat:
         """Forget the conversation (and the cache); optionally start on a new image."""
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
         self.images = []  # PIL images, in prompt order
-        self.features = []  # their visual tokens, computed once each
+        self.features = []  # their visual tokens, (T, D) each, computed once
         self.pending_image = load_image(image) if image is not None else None
         self.cache = make_prompt_cache(self.model.language_model)
         self.tokens = []  # the token ids whose keys and values are in the cache
@@ -70,7 +70,8 @@ class Chat:
                 f"the conversation has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) "
                 f"but {len(images)} image(s)"
             )
-        ids = self.processor.encode(self.processor.prompt(messages, conv_mode=self.conv_mode))
+        sizes = [(im.height, im.width) for im in images]  # AnyRes counts visual tokens by size
+        ids = self.processor.encode(self.processor.prompt(messages, conv_mode=self.conv_mode), sizes)
         context = self.processor.context_length
         if len(ids) >= context:
             raise LlavaError(
@@ -82,10 +83,11 @@ class Chat:
             mx.random.seed(seed)
 
         reused = self.reuse_cache(ids)
-        while len(self.features) < len(self.images):
-            pixels = self.processor.preprocess([self.images[len(self.features)]])
-            self.features.append(self.model.encode_images(pixels)[0])
-        features = mx.stack(self.features) if self.features else None
+        while len(self.features) < len(self.images):  # each image's visual tokens, (T, D), once
+            pixels, size = self.processor.image_inputs([self.images[len(self.features)]])
+            visual = self.model.encode_images(pixels, size)
+            self.features.append(visual[0] if visual.ndim == 3 else visual)
+        features = mx.concatenate(self.features) if self.features else None
         embeds = self.model.embed(mx.array([ids]), image_features=features)[0]
 
         generated = []
