@@ -1,0 +1,292 @@
+"""LLaVA-1.6 (LLaVA-NeXT) end to end: every published form converts, loads and
+answers like its reference.
+
+- llava-hf: a tiny random LlavaNextForConditionalGeneration made with
+  transformers, in both key spellings; its logits and visual-token counts
+  are transformers' own, for 0, 1 and 2 images of different shapes, and a
+  batch.
+- the original (haotian-liu/LLaVA): the same weights in its layout (vision
+  tower inside, `model.image_newline`, pinpoints as (width, height),
+  `mm_patch_merge_type: spatial_unpad`), against a torch reference spliced
+  by hand along the original's code path (tests/reference_llava.py).
+- mlx-vlm / mlx-community style MLX folders, quantized or not.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mlx_llava
+import reference_llava as ref_rules
+from conftest import TEXT, VISION, VOCAB
+from mlx_llava.convert import convert
+from mlx_llava.weights import load_model, quantize, save_model
+from test_convert import clip_folder, hf_spellings, write_original
+
+PINS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]
+CROP, SIDE = VISION["image_size"], VISION["image_size"] // VISION["patch_size"]
+# (width, height): a landscape, a portrait, a tiny one (where the original and
+# transformers pick different grids) and one whose unpadded height the original truncates
+IMAGES = {"landscape": (50, 30), "portrait": (20, 45), "tiny": (9, 7), "odd": (188, 47)}
+
+
+def noise(size, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def build_next(seed=0, pins=PINS):
+    """A transformers LlavaNextForConditionalGeneration with random float32 weights."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    config = LlavaNextConfig(vision_config=CLIPVisionConfig(**VISION), text_config=LlamaConfig(**TEXT),
+                             image_token_index=VOCAB, image_grid_pinpoints=pins)
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def hf_processor(pins=PINS):
+    from transformers import LlavaNextImageProcessorPil
+
+    return LlavaNextImageProcessorPil(size={"shortest_edge": CROP}, crop_size={"height": CROP, "width": CROP},
+                                      image_grid_pinpoints=pins)
+
+
+def save_next(model, path: Path, tokenizer_dir: Path) -> Path:
+    """A llava-hf LLaVA-1.6 folder: weights, config, tokenizer, LlavaNextImageProcessor."""
+    model.save_pretrained(path)
+    for f in Path(tokenizer_dir).iterdir():
+        if f.is_file():
+            shutil.copy(f, path / f.name)
+    hf_processor(model.config.image_grid_pinpoints).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return build_next(seed=11)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(ref, tokenizer_dir, tmp_path_factory):
+    return save_next(ref, tmp_path_factory.mktemp("next") / "llava-v1.6-tiny-hf", tokenizer_dir)
+
+
+def prompt_for(n):
+    return "USER: " + "<image>\n" * n + "What is in the picture? ASSISTANT:"
+
+
+def transformers_logits(ref, ids, images):
+    """transformers' logits for our ids, with its own preprocessing; and its per-image token counts."""
+    kw, counts = {}, []
+    if images:
+        out = hf_processor(ref.config.image_grid_pinpoints)(images, return_tensors="pt")
+        kw = {"pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"]}
+        with torch.no_grad():
+            counts = [f.shape[0] for f in ref.model.get_image_features(**kw).pooler_output]
+    with torch.no_grad():
+        logits = ref(input_ids=torch.tensor(np.array(ids)), **kw).logits.numpy()
+    return logits, counts
+
+
+def our_logits(model, inputs):
+    out = model(inputs["input_ids"], inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+    return np.array(out.astype(mx.float32))
+
+
+# ---------------------------------------------------------------- llava-hf
+
+
+@pytest.mark.parametrize("n_images", [0, 1, 2])
+@pytest.mark.parametrize("spelling", ["as-saved", "transformers4", "transformers5"])
+def test_llava_hf_logits_and_token_counts(ref, hf_dir, tmp_path, n_images, spelling):
+    src = hf_dir if spelling == "as-saved" else hf_spellings(hf_dir, tmp_path / spelling, spelling)
+    summary = convert(str(src), str(tmp_path / "out"), dtype="float32")
+    assert summary.kind == "llava-hf"
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "llava_next" and config["image_aspect_ratio"] == "anyres"
+    assert config["image_grid_pinpoints"] == PINS and config["unpad_rounding"] == "round"
+    model, processor = mlx_llava.load(tmp_path / "out")
+    images = [noise(IMAGES[k], seed=i) for i, k in enumerate(["landscape", "portrait"][:n_images])]
+    inputs = processor(prompt_for(n_images), images)
+    expected, counts = transformers_logits(ref, inputs["input_ids"], images)
+    assert counts == [processor.visual_tokens((im.height, im.width)) for im in images]
+    assert len(set(counts)) == n_images  # the two images give different counts
+    assert np.abs(expected - our_logits(model, inputs)).max() < 1e-4
+
+
+def test_llava_hf_folder_loads_as_it_is(ref, hf_dir):
+    """`load` reads a llava-hf LLaVA-1.6 folder without converting it; tiny and
+    odd images follow transformers' rules (pinpoints (height, width), rounded unpad)."""
+    model, processor = mlx_llava.load(hf_dir)
+    assert processor.image_config.image_aspect_ratio == "anyres"
+    images = [noise(IMAGES["tiny"], 1), noise(IMAGES["odd"], 2)]
+    inputs = processor(prompt_for(2), images)
+    expected, counts = transformers_logits(ref, inputs["input_ids"], images)
+    assert counts == [processor.visual_tokens((im.height, im.width)) for im in images]
+    assert np.abs(expected - our_logits(model, inputs)).max() < 1e-4
+
+
+def test_a_batch_of_prompts_with_different_images(ref, hf_dir):
+    """Rows of different lengths and images of different token counts in one
+    batch: each row answers as it does alone (right padding, causal model)."""
+    model, processor = mlx_llava.load(hf_dir)
+    rows = [[noise(IMAGES["portrait"], 3)], [noise(IMAGES["landscape"], 4), noise(IMAGES["odd"], 5)]]
+    single = [processor(prompt_for(len(images)), images) for images in rows]
+    width = max(s["input_ids"].shape[1] for s in single)
+    ids = mx.array(np.stack([np.pad(np.array(s["input_ids"][0]), (0, width - s["input_ids"].shape[1]))
+                             for s in single]))
+    pixels = mx.concatenate([s["pixel_values"] for s in single])
+    sizes = [size for s in single for size in s["image_sizes"]]
+    batched = np.array(model(ids, pixels, image_sizes=sizes))
+    for row, s in enumerate(single):
+        expected, _ = transformers_logits(ref, s["input_ids"], [im for im in rows[row]])
+        n = s["input_ids"].shape[1]
+        assert np.abs(expected[0] - batched[row, :n]).max() < 1e-4
+
+
+def test_llava_hf_quantized(ref, hf_dir, tmp_path):
+    convert(str(hf_dir), str(tmp_path / "q8"), quantize=True, q_bits=8, q_group_size=32)
+    model, processor = mlx_llava.load(tmp_path / "q8")
+    assert json.loads((tmp_path / "q8" / "config.json").read_text())["quantization"]["bits"] == 8
+    images = [noise(IMAGES["landscape"])]
+    inputs = processor(prompt_for(1), images)
+    expected, _ = transformers_logits(ref, inputs["input_ids"], images)
+    ours = our_logits(model, inputs)
+    cosine = float((expected.ravel() @ ours.ravel()) / np.linalg.norm(expected) / np.linalg.norm(ours))
+    assert cosine > 0.99
+
+
+# ---------------------------------------------------------------- mlx-vlm
+
+
+def test_mlx_vlm_llava_next_folders(ref, hf_dir, tmp_path):
+    """MLX folders as mlx-vlm writes llava_next (model_type llava_next, image_newline
+    at the top), float and 8-bit, convert (kept or requantized) and load."""
+    model, config = load_model(hf_dir)
+    processor = mlx_llava.processor.Processor.from_dir(hf_dir, config)
+    config = {k: v for k, v in config.items() if k not in ("image_aspect_ratio", "conv_mode")}
+    fp32 = save_model(tmp_path / "llava-v1.6-tiny-mlx", model, config, processor)
+    q, qconfig = quantize(model, config, bits=8, group_size=32)
+    q8 = save_model(tmp_path / "llava-v1.6-tiny-8bit", q, qconfig, processor)
+    assert "image_newline" in mx.load(str(q8 / "model.safetensors"))
+    images = [noise(IMAGES["portrait"])]
+    for src, out, kw in ((fp32, "a", {}), (q8, "b", {}), (q8, "c", dict(quantize=True, q_bits=4, q_group_size=32))):
+        summary = convert(str(src), str(tmp_path / out), **kw)
+        assert summary.kind == "mlx-vlm"
+        model, processor = mlx_llava.load(tmp_path / out)
+        inputs = processor(prompt_for(1), images)
+        expected, _ = transformers_logits(ref, inputs["input_ids"], images)
+        ours = our_logits(model, inputs)
+        cosine = float((expected.ravel() @ ours.ravel()) / np.linalg.norm(expected) / np.linalg.norm(ours))
+        assert cosine > (0.9999 if out == "a" else 0.95), out
+
+
+# ---------------------------------------------------------------- the original layout
+
+
+def original_reference_logits(ref, ids, images, pins_wh, image_index):
+    """The original's path, by hand: each image's crops by its rules, every
+    crop through CLIP in one batch (hidden_states[-2], CLS dropped), the
+    projector, the spatial_unpad merge with image_newline, spliced into the
+    word embeddings where the image goes (`ids` holds one `image_index` per
+    image), then the language model."""
+    from transformers import CLIPImageProcessorPil
+
+    clip = CLIPImageProcessorPil(size={"shortest_edge": CROP}, crop_size={"height": CROP, "width": CROP})
+    crops = [ref_rules.anyres_crops(im, pins_wh, CROP) for im in images]
+    with torch.no_grad():
+        tokens = []
+        if images:
+            pixels = torch.tensor(np.asarray(clip([c for cs in crops for c in cs], return_tensors="np")["pixel_values"]))
+            hidden = ref.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+            projected = torch.split(ref.model.multi_modal_projector(hidden), [len(cs) for cs in crops])
+            tokens = [ref_rules.anyres_merge(p, im.size, pins_wh, CROP, SIDE, ref.model.image_newline)
+                      for p, im in zip(projected, images)]
+        embed = ref.model.language_model.embed_tokens
+        pieces, text, k = [], [], 0
+        for t in ids:
+            if t == image_index:
+                pieces += [embed(torch.tensor(text)), tokens[k]] if text else [tokens[k]]
+                text, k = [], k + 1
+            else:
+                text.append(t)
+        pieces += [embed(torch.tensor(text))] if text else []
+        hidden = ref.model.language_model(inputs_embeds=torch.cat(pieces)[None]).last_hidden_state
+        return ref.lm_head(hidden)[0].numpy()
+
+
+@pytest.fixture(scope="module")
+def original_dir(tokenizer_dir, tmp_path_factory):
+    """(reference, an original-layout LLaVA-1.6 checkpoint of it): the tuned
+    vision tower inside, while mm_vision_tower names a different CLIP."""
+    ref = build_next(seed=12, pins=PINS)
+    root = tmp_path_factory.mktemp("original16")
+    other = clip_folder(build_next(seed=13), root / "clip-vit-tiny")
+    src = write_original(ref, root / "llava-v1.6-vicuna-tiny", tokenizer_dir, other, kind="safetensors",
+                         with_vision=True, extra={"model.image_newline": ref.model.image_newline},
+                         image_aspect_ratio="anyres", image_grid_pinpoints=PINS, mm_patch_merge_type="spatial_unpad",
+                         unfreeze_mm_vision_tower=True, mm_vision_tower_lr=2e-6, image_crop_resolution=224,
+                         image_split_resolution=224)
+    return ref, src
+
+
+@pytest.mark.parametrize("names", [["landscape", "tiny"], ["odd"], ["portrait"], []])
+def test_original_checkpoint_matches_its_own_code_path(original_dir, tmp_path, names):
+    ref, src = original_dir
+    summary = convert(str(src), str(tmp_path / "out"), dtype="float32")
+    assert summary.kind == "original"
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["image_grid_pinpoints"] == [[h, w] for w, h in PINS]  # (height, width), pair by pair
+    assert config["unpad_rounding"] == "truncate" and config["mm_patch_merge_type"] == "spatial_unpad"
+    assert config["conv_mode"] == "llava_v1" and "image_crop_resolution" not in config["text_config"]
+    model, processor = mlx_llava.load(tmp_path / "out")
+    images = [noise(IMAGES[k], seed=i + 7) for i, k in enumerate(names)]
+    inputs = processor(prompt_for(len(images)), images)
+    ids = [int(t) for t in np.array(inputs["input_ids"][0])]
+    collapsed = [t for i, t in enumerate(ids) if t != VOCAB or i == 0 or ids[i - 1] != VOCAB]
+    expected = original_reference_logits(ref, collapsed, images, PINS, VOCAB)
+    ours = our_logits(model, inputs)[0]
+    assert ours.shape == expected.shape  # the visual token counts are the original's
+    assert np.abs(expected - ours).max() < 1e-4
+
+
+def test_original_differs_from_transformers_where_the_rules_do(original_dir, tmp_path):
+    """The same weights read as llava-hf would pick another grid for the tiny
+    image and keep two more columns of the odd one: the original's rules matter."""
+    ref, src = original_dir
+    convert(str(src), str(tmp_path / "out"), dtype="float32")
+    _, original = mlx_llava.load(tmp_path / "out")
+    from mlx_llava.anyres import AnyRes
+
+    theirs = AnyRes(tuple(map(tuple, PINS)), CROP, VISION["patch_size"])
+    for name in ("tiny", "odd"):
+        w, h = IMAGES[name]
+        assert original.anyres.grid((h, w)) != theirs.grid((h, w)) or \
+            original.visual_tokens((h, w)) != theirs.num_tokens((h, w)), name
+
+
+def test_original_quantized_and_refusals(original_dir, tmp_path):
+    ref, src = original_dir
+    convert(str(src), str(tmp_path / "q4"), quantize=True, q_bits=4, q_group_size=32)
+    model, processor = mlx_llava.load(tmp_path / "q4")
+    assert processor.anyres is not None and "image_newline" in model
+    config = json.loads((src / "config.json").read_text())
+    (src.parent / "onevision").mkdir()
+    for f in src.iterdir():
+        shutil.copy(f, src.parent / "onevision" / f.name)
+    (src.parent / "onevision" / "config.json").write_text(json.dumps({**config, "image_aspect_ratio": "anyres_max_9"}))
+    with pytest.raises(mlx_llava.LlavaError, match="SigLIP"):
+        convert(str(src.parent / "onevision"), str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists()
