@@ -20,6 +20,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from mlx.utils import tree_flatten
 from PIL import Image
 
 import mlx_llava
@@ -290,3 +291,113 @@ def test_original_quantized_and_refusals(original_dir, tmp_path):
     with pytest.raises(mlx_llava.LlavaError, match="SigLIP"):
         convert(str(src.parent / "onevision"), str(tmp_path / "x"))
     assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+
+@pytest.fixture(scope="module")
+def next_data(tmp_path_factory):
+    """Stage-2 records on images of several shapes (so several visual-token counts)."""
+    root = tmp_path_factory.mktemp("next-data")
+    (root / "images").mkdir()
+    records = []
+    colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+    shapes = [(50, 30), (20, 45), (9, 7), (60, 60)]
+    for i, ((name, rgb), (w, h)) in enumerate(zip(list(colours.items()) * 2, shapes * 2)):
+        image = Image.new("RGB", (w, h), (255, 255, 255))
+        image.paste(rgb, (w // 4, h // 4, 3 * w // 4, 3 * h // 4))
+        image.save(root / "images" / f"{i}.png")
+        records.append({"id": str(i), "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat color is the square?"}, {"from": "gpt", "value": name}]})
+    (root / "data.json").write_text(json.dumps(records))
+    return root
+
+
+def train_next(hf_dir, data, out, on_step=None, **kw):
+    from mlx_llava.train import TrainConfig, train
+
+    options = dict(stage=2, model=str(hf_dir), data=str(data / "data.json"), image_folder=str(data / "images"),
+                   output=str(out), batch_size=4, iters=6, learning_rate=1e-2, projector_lr=1e-2, lora_rank=4,
+                   lora_alpha=8, lora_dropout=0.0, warmup_ratio=0.0, save_every=100, seed=0, progress=False)
+    options.update(kw)
+    return train(TrainConfig(**options), on_step=on_step)
+
+
+def losses_of(out):
+    return [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_prepare_counts_each_images_tokens(hf_dir, next_data):
+    from mlx_llava.train.data import prepare
+
+    _, processor = mlx_llava.load(hf_dir)
+    data = prepare(next_data / "data.json", processor.encoder, "vicuna_v1", processor.image_token_index,
+                   processor.visual_tokens, str(next_data / "images"), 2048)
+    counts = [e.input_ids.count(VOCAB) for e in data.examples]
+    assert counts == [processor.visual_tokens((e.image_size)) for e in data.examples]
+    assert counts == [processor.anyres.num_tokens(Image.open(e.image).size[::-1]) for e in data.examples]
+    assert len(set(counts)) > 2
+
+
+class Stop(Exception):
+    pass
+
+
+def test_lora_with_a_trainable_vision_tower_resumes_fuses_and_converts(hf_dir, next_data, tmp_path):
+    """LLaVA-1.6 stage 2: LoRA, the projector and image_newline, and the vision
+    tower at its own rate; the loss falls; a killed run resumes exactly; the
+    fused model answers as model + adapters, and converts back and loads."""
+    from mlx_llava.adapters import fuse
+
+    common = dict(vision_tower_lr=1e-3, save_every=2)
+    train_next(hf_dir, next_data, tmp_path / "straight", **common)
+    losses = losses_of(tmp_path / "straight")
+    assert np.mean(losses[-2:]) < losses[0]
+    saved = {name: mx.load(str(tmp_path / "straight" / name))
+             for name in ("adapters.safetensors", "projector.safetensors", "vision_tower.safetensors")}
+    before, _ = load_model(hf_dir)
+    assert "image_newline" in saved["projector.safetensors"]
+    assert not mx.array_equal(saved["projector.safetensors"]["image_newline"], before.image_newline)
+    tower = dict(tree_flatten(before.vision_tower.parameters()))
+    assert any(not mx.array_equal(v, tower[k.removeprefix("vision_tower.")])
+               for k, v in saved["vision_tower.safetensors"].items())  # the vision tower learned
+
+    def crash(step, loss):
+        if step == 3:
+            raise Stop()
+
+    with pytest.raises(Stop):
+        train_next(hf_dir, next_data, tmp_path / "resumed", on_step=crash, **common)
+    train_next(hf_dir, next_data, tmp_path / "resumed", resume=True, **common)
+    for name, tensors in saved.items():
+        resumed = mx.load(str(tmp_path / "resumed" / name))
+        for k, v in tensors.items():
+            assert np.allclose(np.array(v), np.array(resumed[k]), atol=1e-5), (name, k)
+
+    fuse(hf_dir, tmp_path / "straight", tmp_path / "fused")
+    with_adapters, processor = mlx_llava.load(hf_dir, adapter_path=tmp_path / "straight")
+    fused, _ = mlx_llava.load(tmp_path / "fused")
+    convert(str(tmp_path / "fused"), str(tmp_path / "back"), dtype="float32")
+    back, back_processor = mlx_llava.load(tmp_path / "back")
+    image = next_data / "images" / "2.png"
+    inputs = processor(prompt_for(1), [image])
+    a, b = our_logits(with_adapters, inputs), our_logits(fused, inputs)
+    assert np.abs(a - b).max() < 1e-4
+    assert back_processor(prompt_for(1), [image])["input_ids"].tolist() == inputs["input_ids"].tolist()
+    assert np.abs(a - our_logits(back, inputs)).max() < 1e-4
+    assert np.abs(a - our_logits(before, inputs)).max() > 1e-2  # training did change the model
+
+
+def test_frozen_vision_tower_uses_the_feature_cache(hf_dir, next_data, tmp_path):
+    """Without --vision-tower-lr the tower stays as it was, and cached crop features train alike."""
+    train_next(hf_dir, next_data, tmp_path / "plain", iters=3)
+    train_next(hf_dir, next_data, tmp_path / "cached", iters=3, cache_features=str(tmp_path / "cache"))
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 8
+    for name in ("adapters.safetensors", "projector.safetensors"):
+        a, b = (mx.load(str(tmp_path / run / name)) for run in ("plain", "cached"))
+        for k in a:
+            assert np.allclose(np.array(a[k]), np.array(b[k]), atol=1e-5), k
+    assert not (tmp_path / "plain" / "vision_tower.safetensors").exists()
+    with pytest.raises(mlx_llava.LlavaError, match="frozen vision tower"):
+        train_next(hf_dir, next_data, tmp_path / "x", vision_tower_lr=1e-5, cache_features=str(tmp_path / "cache"))

@@ -97,6 +97,7 @@ class TrainConfig:
     # optimisation
     learning_rate: Optional[float] = None
     projector_lr: Optional[float] = None
+    vision_tower_lr: Optional[float] = None  # stage 2: the vision tower learns too, at this rate (LLaVA-1.6: 2e-6)
     batch_size: Optional[int] = None  # the global batch: samples per optimizer step, over all processes
     grad_accum: Optional[int] = None  # micro-batches per step on each process (default: micro-batches of <= 8)
     epochs: float = 1.0
@@ -141,6 +142,11 @@ class TrainConfig:
             self.batch_size = stage.batch_size
         if self.eval_every and not self.val_data:
             raise LlavaError("--eval-every needs --val-data")
+        if self.vision_tower_lr is not None and self.stage != 2:
+            raise LlavaError("--vision-tower-lr is for stage 2 (stage 1 trains the projector only)")
+        if self.vision_tower_lr is not None and self.cache_features:
+            raise LlavaError("--cache-features needs a frozen vision tower: its features change as it trains "
+                             "with --vision-tower-lr")
 
     @classmethod
     def from_file(cls, path, **overrides) -> "TrainConfig":
