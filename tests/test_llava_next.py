@@ -401,3 +401,39 @@ def test_frozen_vision_tower_uses_the_feature_cache(hf_dir, next_data, tmp_path)
     assert not (tmp_path / "plain" / "vision_tower.safetensors").exists()
     with pytest.raises(mlx_llava.LlavaError, match="frozen vision tower"):
         train_next(hf_dir, next_data, tmp_path / "x", vision_tower_lr=1e-5, cache_features=str(tmp_path / "cache"))
+
+
+# ---------------------------------------------------------------- chat
+
+
+def test_chat_keeps_the_cache_and_verbose_shows_the_visual_tokens(hf_dir, tmp_path):
+    """A second turn about a 1.6 image reuses its visual tokens and the cache;
+    `generate --verbose` says how many visual tokens the image became."""
+    import subprocess
+    import sys
+
+    from mlx_lm.utils import common_prefix_len
+
+    model, processor = mlx_llava.load(hf_dir)
+    path = tmp_path / "wide.png"
+    noise(IMAGES["landscape"]).save(path)
+    chat = mlx_llava.Chat(model, processor, image=path)
+    calls = []
+    encode = model.encode_images
+    model.encode_images = lambda pixels, *sizes: calls.append(pixels.shape) or encode(pixels, *sizes)
+    try:
+        list(chat.ask("What is in the image?", max_tokens=4))
+        history = list(chat.tokens)
+        list(chat.ask("And the colour?", max_tokens=4))
+    finally:
+        del model.encode_images
+    assert len(calls) == 1 and calls[0][0] == processor.anyres.crops((30, 50))
+    count = processor.visual_tokens((30, 50))
+    assert chat.features[0].shape[0] == count and history.count(VOCAB) == count
+    assert common_prefix_len(history, chat.tokens) >= history.index(VOCAB) + count
+
+    result = subprocess.run([sys.executable, "-m", "mlx_llava.cli", "generate", "--model", str(hf_dir),
+                             "--image", str(path), "-p", "What is it?", "--max-tokens", "2", "--verbose"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"{count} visual tokens" in result.stderr and "50x30 image" in result.stderr
