@@ -36,6 +36,11 @@ class SlowLlamaTokenizer:
         self.added = dict(self.specials)
         for token in added:
             self.added[token] = self.sp.get_piece_size() + len(self.added) - len(self.specials)
+        # Tokens added as special (add_tokens(..., special_tokens=True), as the original adds
+        # its image tokens and as Yi's ChatML markers are) join the special tokens, so a text
+        # that starts with one gets no "▁" without `legacy`. (Assumed from transformers >= 4.34's
+        # _add_tokens; research/slow_tokenizer_check.py checked the restatement without them.)
+        self.specials = dict(self.added)
         self.unk_length = len(self.sp.encode("<unk>", out_type=str))
 
     def _tokenize(self, text):
@@ -131,6 +136,48 @@ def preprocess_v1(prompt, tokenizer, has_image):
 
 def preprocess_llama_2(prompt, tokenizer, has_image):
     return _mask_rounds(prompt, tokenizer, "</s>", "[/INST] ", 0, has_image)
+
+
+def prompt_mpt(system, turns, sep="<|im_end|>", roles=("<|im_start|>user\n", "<|im_start|>assistant\n")):
+    out = system + sep
+    for i, value in enumerate(turns):
+        out += roles[i % 2] + value + sep
+    return out
+
+
+def preprocess_mpt(prompt, tokenizer, has_image, sep="<|im_end|>", assistant="<|im_start|>assistant\n", pad_id=0):
+    """Masks of preprocess_mpt (chatml_direct): the system, first question and
+    answer are one round, each later question and answer another; rounds
+    after the first count one more token with a legacy tokenizer; the total
+    leaves out pad (<unk>) tokens."""
+    encode = (lambda t: tokenizer_image_token(t, tokenizer)) if has_image else tokenizer
+    ids = encode(prompt)
+    target = list(ids)
+    total = sum(1 for i in ids if i != pad_id)
+    pieces = prompt.split(sep)
+    rounds = [sep.join(pieces[:3])]
+    k = 3
+    while k < len(pieces):
+        rounds.append(sep.join(pieces[k:k + 2]))
+        k += 2
+    cur = 0
+    for i, rou in enumerate(rounds):
+        if rou == "":
+            break
+        parts = rou.split(sep + assistant)
+        if len(parts) != 2:
+            break
+        round_len = len(encode(rou))
+        instruction_len = len(encode(parts[0] + sep + assistant)) - 1
+        if i != 0 and tokenizer.legacy:
+            round_len += 1
+            instruction_len += 1
+        target[cur:cur + instruction_len] = [IGNORE_INDEX] * len(target[cur:cur + instruction_len])
+        cur += round_len
+    target[cur:] = [IGNORE_INDEX] * len(target[cur:])
+    if cur != total:
+        target = [IGNORE_INDEX] * len(ids)
+    return ids, target
 
 
 def preprocess_plain(caption, tokenizer):
