@@ -4,8 +4,8 @@ tokens, vision time, time to first token and peak memory, per image.
 Both models are built on the spot with random weights (no download): the
 vision tower is CLIP ViT-L/14 at 336 px exactly (24 layers, width 1024),
 the projector mlp2x_gelu, and the language model LLaMA-shaped (by default
-TinyLlama-1.1B's shape; `--lm 7b` for Vicuna-7B's, which needs a GPU-sized
-machine). The 1.6 model is the 1.5 one with AnyRes switched on: the same
+TinyLlama-1.1B's shape; `--lm 0.5b` for a Qwen2-0.5B-sized one, `--lm 7b`
+for Vicuna-7B's, which needs a GPU-sized machine). The 1.6 model is the 1.5 one with AnyRes switched on: the same
 weight arrays, shared, plus image_newline. LLaVA-1.5 pads the image to a
 square (576 visual tokens); LLaVA-1.6 encodes the base image and its grid's
 crops in one vision-tower batch.
@@ -48,6 +48,8 @@ CLIP_L_336 = dict(model_type="clip_vision_model", hidden_size=1024, intermediate
 LANGUAGE_MODELS = {
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4),
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2),
     "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                  num_key_value_heads=4),
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
