@@ -167,9 +167,7 @@ class AnyRes:
     def num_tokens(self, size) -> int:
         """Visual tokens one image of `size` (height, width) becomes."""
         per_crop = self.side * self.side
-        if self.merge == "flat":
-            return self.crops(size) * per_crop
-        if self.merge == "spatial":
+        if not self.newline:  # flat and spatial keep every crop's tokens, in another order
             return self.crops(size) * per_crop
         top, bottom, left, right = self.unpadded(size)
         return per_crop + (bottom - top) * (right - left + 1)

@@ -437,3 +437,25 @@ def test_chat_keeps_the_cache_and_verbose_shows_the_visual_tokens(hf_dir, tmp_pa
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert f"{count} visual tokens" in result.stderr and "50x30 image" in result.stderr
+
+
+@pytest.mark.parametrize("method", ["full", "qlora"])
+def test_full_and_qlora_on_a_16_model(hf_dir, next_data, tmp_path, method):
+    """Full fine-tuning (the vision tower too) writes a model that loads with
+    its trained image_newline and vision tower; QLoRA trains on the 4-bit base."""
+    kw = dict(vision_tower_lr=1e-3, learning_rate=1e-3, projector_lr=1e-3) if method == "full" else {}
+    train_next(hf_dir, next_data, tmp_path, method=method, iters=3, **kw)
+    losses = losses_of(tmp_path)
+    assert all(np.isfinite(losses))
+    before, _ = load_model(hf_dir)
+    if method == "full":
+        after, processor = mlx_llava.load(tmp_path / "model")
+        assert processor.anyres == mlx_llava.load(hf_dir)[1].anyres
+        old, new = dict(tree_flatten(before.parameters())), dict(tree_flatten(after.parameters()))
+        moved = {k for k in old if not mx.array_equal(old[k], new[k])}
+        assert "image_newline" in moved and any(k.startswith("vision_tower.") for k in moved)
+    else:
+        import mlx.nn as nn
+
+        model, _ = mlx_llava.load(hf_dir, adapter_path=tmp_path)
+        assert isinstance(model.language_model.layers[0].self_attn.q_proj.linear, nn.QuantizedLinear)
