@@ -48,7 +48,7 @@ def main():
         ("cross-entropy, every position", lambda: nn.losses.cross_entropy(logits, targets).sum()),
         ("cross-entropy, 1 position in 5", lambda: nn.losses.cross_entropy(few, targets[: few.shape[0]]).sum()),
     ]
-    print(f"| piece | ms | CPU cores busy |\n|---|---|---|")
+    print("| piece | ms | CPU cores busy |\n|---|---|---|")
     for name, f in rows:
         ms, cores = measure(f)
         print(f"| {name} | {ms:.1f} | {cores:.1f} |")

@@ -7,6 +7,7 @@ import typer
 from . import app, options
 
 HELP = "Commands: /image PATH (new conversation about another image), /reset, /quit. Ctrl-C stops an answer."
+COMMANDS = "commands: /image PATH, /reset, /quit"
 
 
 @app.command()
@@ -28,8 +29,13 @@ def chat(
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    from mlx_llava import Chat, LlavaError
-    from mlx_llava.generate import speed_line
+    from mlx_llava.errors import LlavaError, check_sampling
+    from mlx_llava.image import load_image
+
+    check_sampling(max_tokens, temperature, top_p, seed, repetition_penalty)
+    options.check_conv_mode(conv_mode)
+    image = load_image(image) if image is not None else None  # before the slow part
+    from mlx_llava.generate import Chat, speed_line
 
     llava, processor = options.load(model, quantize)
     if verbose:
@@ -55,17 +61,20 @@ def chat(
             session.restart()
             typer.echo("(conversation cleared)")
             continue
-        if line.startswith("/image"):
-            path = line[len("/image"):].strip()
+        command, _, path = line.partition(" ")
+        if command == "/image":
+            path = path.strip()
             try:
-                session.reset(path)
+                if not path:
+                    raise LlavaError("/image needs a path, e.g. /image cat.png")
+                session.reset(path)  # a bad image leaves the conversation as it was
             except LlavaError as e:
-                typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+                error(e)
                 continue
             typer.echo(f"(new conversation about {path})")
             continue
         if line.startswith("/"):
-            typer.echo(HELP)
+            error(f"unknown command {command} ({COMMANDS})")
             continue
         last = None
         try:
@@ -74,8 +83,13 @@ def chat(
         except KeyboardInterrupt:
             typer.echo(" [stopped]", nl=False)
         except LlavaError as e:
-            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            error(e)
             continue
         print()
         if verbose and last is not None:
             typer.echo(speed_line(last))
+
+
+def error(message):
+    """A problem the REPL survives: one line on stderr, and the conversation goes on."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)

@@ -34,6 +34,12 @@ def instruct(
     Types: conversation, detail (detailed description), reasoning (complex
     reasoning). Rerun with the same --output to resume.
     """
+    from mlx_llava.errors import check_output, check_sampling, need
+
+    check_sampling(max_tokens=max_tokens, temperature=temperature, seed=seed)
+    need(limit is None or limit >= 1, f"--limit must be at least 1, not {limit}")
+    need(timeout > 0, f"--timeout must be more than 0 seconds, not {timeout}")
+    check_output(output, [captions, instances], "--output", folder=False)
     from mlx_llava.datagen import read_coco
     from mlx_llava.datagen.teacher import instruct as run
     from mlx_llava.datagen.teacher import make_teacher, parse_types
@@ -55,6 +61,10 @@ def stage1(
     seed: Annotated[int, Opt("--seed")] = 0,
 ):
     """Stage-1 data: each image-caption pair as a "describe the image briefly" sample."""
+    from mlx_llava.errors import check_output, need
+
+    need(seed >= 0, f"--seed must be 0 or more, not {seed}")
+    check_output(output, [captions], "--output", folder=False)
     from mlx_llava.datagen import read_coco, stage1_samples
 
     pairs = [(r["file_name"], c) for r in read_coco(captions) for c in r["captions"]]

@@ -21,9 +21,12 @@ def train_demo(
     seed: Annotated[int, Opt("--seed")] = 0,
 ):
     """World -> data -> tokenizer -> language model -> CLIP -> stage 1 -> stage 2 -> held-out eval."""
+    from mlx_llava.errors import LlavaError, check_output, need
+
+    need(seed >= 0, f"--seed must be 0 or more, not {seed}")
+    check_output(output, what="--output")
     from mlx_llava.demo import Recipe, build, install_model
     from mlx_llava.demo.recipe import SHIPPED, VARIANTS
-    from mlx_llava.errors import LlavaError
     from mlx_llava.eval import table
 
     variants = tuple(variant or (VARIANTS if ablation else [SHIPPED]))
@@ -48,6 +51,10 @@ def world(
     short_answers_per_scene: Annotated[int, Opt("--short-answers-per-scene", help="Short-answer samples per training image.")] = 5,
 ):
     """The synthetic shapes world, taught by rules: images, COCO files, stage-1/2 data, eval questions."""
+    from mlx_llava.errors import check_output, need
+
+    need(seed >= 0, f"--seed must be 0 or more, not {seed}")
+    check_output(output, what="--output")
     from mlx_llava.demo.dataset import build_dataset
 
     meta = build_dataset(output, n_train=train, n_test=test, seed=seed, image_size=image_size,

@@ -17,14 +17,18 @@ def evaluate(
     data: Annotated[Optional[str], Opt("--data", help="Questions: [{image, question, answer, kind}] (default: the shipped held-out sample).")] = None,
     image_folder: Annotated[Optional[str], Opt("--image-folder", help="Images of --data (default: beside it, images/).")] = None,
     ablation: Annotated[Optional[str], Opt("--ablation", help="A `mlx-llava demo train` folder: evaluate each of its variants.")] = None,
-    max_tokens: Annotated[int, Opt("--max-tokens")] = 16,
+    max_tokens: Annotated[int, Opt("--max-tokens", help="Most tokens per answer; -1: up to the context.")] = 16,
     answers: Annotated[Optional[str], Opt("--answers", help="Write every answer to this JSON file.")] = None,
 ):
     """Exact-match accuracy by question kind (colour, shape, count, position, relation)."""
+    from mlx_llava.errors import LlavaError, check_output, check_sampling
+
+    check_sampling(max_tokens=max_tokens)
+    if answers:
+        check_output(answers, [data], "--answers", folder=False)
     import mlx_llava
     from mlx_llava.demo import evaluate_heldout as run
     from mlx_llava.demo import heldout_dir
-    from mlx_llava.errors import LlavaError
     from mlx_llava.eval import load_questions, table
 
     models = {}

@@ -23,6 +23,12 @@ def generate(
     verbose: options.Verbose = False,
 ):
     """Answer one question about an image (or none)."""
+    from mlx_llava.errors import check_sampling
+    from mlx_llava.image import load_image
+
+    check_sampling(max_tokens, temperature, top_p, seed, repetition_penalty)
+    options.check_conv_mode(conv_mode)
+    image = load_image(image) if image is not None else None  # before the slow part
     from mlx_llava.generate import speed_line, stream_generate
 
     llava, processor = options.load(model, quantize)

@@ -7,9 +7,10 @@ import typer
 
 Model = Annotated[
     Optional[str],
-    typer.Option("--model", "-m", help="Model directory or hub repo id (MLX format). Default: the shipped demo model."),
+    typer.Option("--model", "-m", help="Model folder or hub repo id (MLX, or a PyTorch LLaVA converted on first use). Default: the shipped demo model."),
 ]
-MaxTokens = Annotated[int, typer.Option("--max-tokens", help="Most tokens to generate.")]
+MaxTokens = Annotated[int, typer.Option(
+    "--max-tokens", help="Most tokens to generate; -1: until the answer ends or the model's context is full.")]
 Temperature = Annotated[float, typer.Option("--temperature", "--temp", help="Sampling temperature; 0 is greedy.")]
 TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold (1 = off).")]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed for sampling.")]
@@ -23,6 +24,15 @@ ConvMode = Annotated[
 System = Annotated[Optional[str], typer.Option("--system", help="Replace the template's system message.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Print tokens/s and peak memory.")]
 ImagePath = Annotated[Optional[str], typer.Option("--image", "-i", help="Image file or http(s) URL.")]
+
+
+def check_conv_mode(conv_mode):
+    """Refuse an unknown template before a model is loaded."""
+    if conv_mode is not None:
+        from mlx_llava.conversation import CHAT_TEMPLATE, get_template
+
+        if conv_mode != CHAT_TEMPLATE:
+            get_template(conv_mode)
 
 
 Quantize = Annotated[bool, typer.Option("-q", "--quantize", help="Use a 4-bit copy (made once, kept in the cache).")]
@@ -45,17 +55,25 @@ def load(model, quantize: bool = False):
 
 @contextmanager
 def conversion_progress():
-    """A progress bar on stderr, fed by `convert`'s on_tensor(name, done, total).
-    It appears with the first tensor and leaves nothing behind (not even an
-    empty line before an error)."""
+    """A progress bar on stderr, fed by `convert`'s on_tensor(name, done, total):
+    on a terminal only, from the first tensor on, and gone when done."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
+    console = Console(stderr=True)
     bar = Progress(TextColumn("converting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("{task.description}"), console=Console(stderr=True), transient=True)
+                   TextColumn("{task.description}"), console=console, transient=True)
     task = bar.add_task("", total=None)
 
     def on_tensor(name, done, total):
+        if not console.is_terminal:  # elsewhere a bar leaves an empty line behind
+            return
         if not bar.live.is_started:
             bar.start()
         bar.update(task, completed=done, total=total, description=name)

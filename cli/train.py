@@ -9,9 +9,15 @@ from . import app
 Opt = typer.Option
 
 
+from mlx_llava.train.config import STAGES  # noqa: E402  (light: the stage table, for the help)
+
+STAGE_HELP = "; ".join(f"{n}: {s.name}, trains {s.trains}" for n, s in STAGES.items())
+
+
 @app.command()
 def train(
-    stage: Annotated[Optional[int], Opt("--stage", help="1: projector alignment; 2: instruction tuning.")] = None,
+    ctx: typer.Context,
+    stage: Annotated[Optional[int], Opt("--stage", help=STAGE_HELP)] = None,
     data: Annotated[Optional[str], Opt("--data", help="LLaVA JSON or JSONL records.")] = None,
     image_folder: Annotated[Optional[str], Opt("--image-folder", help="Image paths in the data are relative to this.")] = None,
     output: Annotated[Optional[str], Opt("--output", "-o", help="Output folder.")] = None,
@@ -39,6 +45,7 @@ def train(
     warmup_ratio: Annotated[Optional[float], Opt("--warmup-ratio")] = None,
     max_length: Annotated[Optional[int], Opt("--max-length")] = None,
     grad_checkpoint: Annotated[Optional[bool], Opt("--grad-checkpoint/--no-grad-checkpoint")] = None,
+    compile: Annotated[Optional[bool], Opt("--compile/--no-compile", help="Compile the training step (mx.compile; on by default).")] = None,
     group_by_length: Annotated[Optional[bool], Opt("--group-by-length/--no-group-by-length", help="Batch samples of like length together (LLaVA-1.5's --group_by_modality_length).")] = None,
     cache_features: Annotated[Optional[str], Opt("--cache-features", help="Folder for cached vision features.")] = None,
     save_every: Annotated[Optional[int], Opt("--save-every")] = None,
@@ -50,11 +57,9 @@ def train(
     config: Annotated[Optional[str], Opt("--config", help="YAML file with the same keys as these flags.")] = None,
 ):
     """Train LLaVA: stage 1 (projector) or stage 2 (LoRA, QLoRA or full)."""
-    flags = {k: v for k, v in locals().items() if v is not None and k not in ("config", "lora", "qlora", "full")}
+    flags = {k: v for k, v in ctx.params.items() if v is not None and k not in ("config", "lora", "qlora", "full")}
     from mlx_llava.errors import LlavaError
-    from mlx_llava.train import TrainConfig
-    from mlx_llava.train import train as run
-    from mlx_llava.train.config import read_file
+    from mlx_llava.train.config import TrainConfig, read_file
 
     if lora + qlora + full > 1:
         raise LlavaError("choose one of --lora, --qlora, --full")
@@ -65,7 +70,10 @@ def train(
     missing = [f"--{k}" for k in ("stage", "data", "output") if k not in values]
     if missing:
         raise LlavaError(f"missing {', '.join(missing)} (or give them in --config)")
-    run(TrainConfig(**values))
+    cfg = TrainConfig(**values)  # every option checked before the slow imports
+    from mlx_llava.train import train as run
+
+    run(cfg)
 
 
 @app.command()
@@ -74,11 +82,20 @@ def fuse(
     adapters: Annotated[str, Opt("--adapters", help="A stage-2 LoRA output folder.")],
     output: Annotated[str, Opt("--output", "-o", help="Where to write the fused model.")],
     quantize: Annotated[bool, Opt("-q", "--quantize", help="Quantize the fused model.")] = False,
-    q_bits: Annotated[int, Opt("--q-bits")] = 4,
-    q_group_size: Annotated[int, Opt("--q-group-size")] = 64,
+    q_bits: Annotated[Optional[int], Opt("--q-bits", help="With -q: 4 or 8 (default 4). Refused without -q.")] = None,
+    q_group_size: Annotated[Optional[int], Opt("--q-group-size", help="With -q: 32, 64 or 128 (default 64). Refused without -q.")] = None,
 ):
     """Merge LoRA adapters (and the trained projector) into a model directory."""
+    from mlx_llava.errors import LlavaError, check_output, check_quantization
+
+    if not quantize and (q_bits is not None or q_group_size is not None):
+        raise LlavaError("--q-bits and --q-group-size need -q (--quantize)")
+    bits = (4 if q_bits is None else q_bits) if quantize else None
+    group_size = 64 if q_group_size is None else q_group_size
+    if quantize:
+        check_quantization(bits, group_size)
+    check_output(output, [model, adapters])  # before the slow imports
     from mlx_llava.adapters import fuse as run
 
-    path = run(model, adapters, output, bits=q_bits if quantize else None, group_size=q_group_size)
+    path = run(model, adapters, output, bits=bits, group_size=group_size)
     print(f"wrote {path}")

@@ -16,27 +16,21 @@ folder is removed.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-import mlx.core as mx
+from mlx_llava import atomic
+from mlx_llava.errors import LlavaError, check_output, check_quantization
 
-from mlx_llava.errors import LlavaError
-
-from . import files, formats, hub, original, writer
+if TYPE_CHECKING:
+    from . import formats, writer
 
 __all__ = ["convert", "Summary"]
 
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-BITS = (4, 8)
-GROUP_SIZES = (32, 64, 128)
+DTYPES = ("float16", "bfloat16", "float32")
 
 
 @dataclass
@@ -74,8 +68,8 @@ def convert(
     mlx_path: str = "mlx_model",
     dtype: Optional[str] = None,
     quantize: bool = False,
-    q_bits: int = 4,
-    q_group_size: int = 64,
+    q_bits: Optional[int] = None,
+    q_group_size: Optional[int] = None,
     quantize_vision: bool = False,
     vision_tower: Optional[str] = None,
     model_base: Optional[str] = None,
@@ -92,24 +86,33 @@ def convert(
     `dtype`: of the unquantized weights; float16 unless given, except that
     an MLX source keeps its own.
     `vision_tower`: the CLIP repo or folder, instead of the one the config
-    names. `quantize`: `q_bits` with `q_group_size`, as mlx-lm does it; the
-    vision tower too with `quantize_vision`. `conv_mode` overrides the
-    template chosen from the model name. `on_tensor(name, done, total)` is
+    names. `quantize`: `q_bits` (default 4) with `q_group_size` (default
+    64), as mlx-lm does it; the vision tower too with `quantize_vision`;
+    those three without `quantize` are refused, not ignored. `conv_mode`
+    overrides the template chosen from the model name. The output may not
+    be, contain or lie inside a local source. `on_tensor(name, done, total)` is
     called after each tensor is written (for progress bars). Returns a
     `Summary`; raises LlavaError for anything a user can fix.
     """
     start = time.perf_counter()
+    # Every option is checked before anything slow is imported or fetched.
     if dtype is not None and dtype not in DTYPES:
-        raise LlavaError(f"unknown dtype {dtype!r} (float16, bfloat16, float32)")
-    if quantize and q_bits not in BITS:
-        raise LlavaError(f"--q-bits must be one of {', '.join(map(str, BITS))}, not {q_bits}")
-    if quantize and q_group_size not in GROUP_SIZES:
-        raise LlavaError(f"--q-group-size must be one of {', '.join(map(str, GROUP_SIZES))}, not {q_group_size}")
+        raise LlavaError(f"unknown dtype {dtype!r} ({', '.join(DTYPES)})")
+    if quantize:
+        q_bits, q_group_size = 4 if q_bits is None else q_bits, 64 if q_group_size is None else q_group_size
+        check_quantization(q_bits, q_group_size)
+    elif q_bits is not None or q_group_size is not None or quantize_vision:
+        raise LlavaError("--q-bits, --q-group-size and --quantize-vision need -q (--quantize)")
     if conv_mode is not None:
         _check_conv_mode(conv_mode)
+    check_output(mlx_path, [hf_path, vision_tower, model_base], "--mlx-path")
     out = Path(mlx_path).expanduser()
     if out.exists() and not force:
         raise LlavaError(f"{out} already exists (pass --force to replace it)")
+
+    import mlx.core as mx
+
+    from . import files, formats, hub, writer
 
     folder = hub.fetch(hf_path, "model")
     source = open_source(folder, formats.model_name(hf_path), vision_tower, model_base)
@@ -119,10 +122,10 @@ def convert(
     config = _with_tokens(source, tokenizer)
     config = _choose_template(source, config, tokenizer)
     quantization = writer.Quantization(q_bits, q_group_size, quantize_vision) if quantize else None
-    target = DTYPES[dtype] if dtype else None if source.kind == "mlx-vlm" else mx.float16
+    target = getattr(mx, dtype) if dtype else None if source.kind == "mlx-vlm" else mx.float16
     items, config = _plan(source, config, target, quantization)
 
-    with _staging(out) as tmp:
+    with atomic.folder(out, "converting", overwrite=True) as tmp:
         written = writer.write(tmp, items, int(max_shard_gb * 10**9), on_tensor)
         files.save_tokenizer(tokenizer, tmp, source.tokenizer)
         files.write_json(tmp / "preprocessor_config.json",
@@ -151,6 +154,8 @@ def _check_conv_mode(conv_mode: str):
 
 def open_source(folder: Path, name: str, vision_tower=None, model_base=None) -> formats.Source:
     """The source folder, in whichever layout it is (`formats.detect`), opened for conversion."""
+    from . import formats, original
+
     kind = formats.detect(folder)
     if re.search(r"delta-v\d", name.lower()):
         raise LlavaError(
@@ -185,6 +190,8 @@ def _choose_template(source: formats.Source, config: dict, tokenizer) -> dict:
 def _with_tokens(source: formats.Source, tokenizer) -> dict:
     """The config with the image token's id, checking that the original's
     extra tokens have the embedding rows they were trained with."""
+    from . import files
+
     config = dict(source.config)
     vocab = config["text_config"]["vocab_size"]
     for token in source.extra_tokens:
@@ -202,6 +209,8 @@ def _plan(source: formats.Source, config: dict, dtype, quantization) -> tuple:
     """-> (writer items, output config): what each tensor becomes, checked
     against the model `mlx_llava.load` will build from that config."""
     from mlx_llava.weights import build_model
+
+    from . import formats, writer
 
     model = build_model(config)  # lazy: its random weights are never computed
     quantizable = writer.quantizable_modules(model)
@@ -226,30 +235,6 @@ def _plan(source: formats.Source, config: dict, dtype, quantization) -> tuple:
 
 def _same(qconfig: dict, quantization: writer.Quantization) -> bool:
     return (qconfig.get("bits"), qconfig.get("group_size")) == (quantization.bits, quantization.group_size)
-
-
-@contextmanager
-def _staging(out: Path):
-    """A temporary folder beside `out`, renamed to it when the block ends
-    well and removed when it does not (errors and Ctrl-C alike)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=out.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp's 0700 would outlive the rename
-        yield tmp
-        if out.exists():  # --force: the old folder goes only once the new one is complete
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):  # a full disk, say: the user's to fix
-            raise LlavaError(f"cannot write {out}: {e.strerror or e}") from None
-        raise
 
 
 def _command(hf_path, out, dtype, quantize, q_bits, q_group_size, quantize_vision,

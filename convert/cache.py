@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from mlx_llava.errors import LlavaError
+from mlx_llava.weights import load_config
 
 from . import formats, hub
 
@@ -36,6 +37,8 @@ def prepared(source: str, quantize: bool = False, q_bits: int = 4, q_group_size:
     """An MLX model folder for `source` (hub repo id or folder), converting it
     into the cache the first time it is asked for."""
     folder = hub.fetch(source, "model", weights=False)  # configs and tokenizer only, for the layout
+    if not quantize and "text_config" in load_config(folder) and any(folder.glob("*.safetensors")):
+        return folder  # an MLX or llava-hf folder: `load` reads it as it is, and says what is wrong with it
     kind = formats.detect(folder)
     if kind in ("stage-1", "lora"):
         raise LlavaError(f"{source} is a {kind} output: convert it with `mlx-llava convert --model-base ...` first")

@@ -17,7 +17,6 @@ from mlx_llava.errors import LlavaError
 from mlx_llava.image import ImageConfig
 
 
-
 def load_tokenizer(folder: Path, extra_tokens: list):
     """The source tokenizer with `extra_tokens` then `<image>` registered.
 

@@ -75,14 +75,14 @@ def detect(folder: Path) -> str:
     model_type = config.get("model_type")
     if "text_config" in config or "vision_config" in config:
         if model_type not in LLAVA_TYPES:
-            raise LlavaError(f"unknown architecture {model_type!r}: not a LLaVA model")
+            raise LlavaError(f"unknown model type {model_type!r}: mlx-llava converts LLaVA models (llava)")
         quantized = "quantization" in config
         mlx = quantized or any(safetensors_metadata(f).get("format") == "mlx" for f in folder.glob("*.safetensors"))
         return "mlx-vlm" if mlx else "llava-hf"
     if model_type in LLAVA_TYPES or any(k.startswith("mm_") for k in config):
         return "original"
     raise LlavaError(
-        f"unknown architecture {model_type!r}: not a LLaVA checkpoint"
+        f"unknown model type {model_type!r}: not a LLaVA checkpoint"
         " (no text_config/vision_config, and no mm_* fields of the original LLaVA)"
     )
 

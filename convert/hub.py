@@ -41,11 +41,13 @@ def fetch(source, what: str = "model", weights: bool = True) -> Path:
 
 
 def _weight_patterns(repo: str) -> list:
-    """Safetensors when the repository has them, else `.bin`."""
-    from huggingface_hub import list_repo_files
+    """Safetensors when the repository has them, else `.bin`. One request,
+    never retried: with no network the answer is known at once
+    (`list_repo_files` retries five times over 30 s, a warning each)."""
+    from huggingface_hub import HfApi
 
     try:
-        files = list_repo_files(repo)
+        files = [s.rfilename for s in HfApi().model_info(repo).siblings or []]
     except Exception:  # offline in all but name, gated, ...: let snapshot_download decide
         return WEIGHTS["safetensors"] + WEIGHTS["bin"]
     return WEIGHTS["safetensors"] if any(f.endswith(".safetensors") for f in files) else WEIGHTS["bin"]

@@ -25,9 +25,9 @@ import mlx.core as mx
 from mlx_llava.errors import LlavaError
 from mlx_llava.weights import load_config
 
-from .tensors import Tensor, model_files, read_file, read_files
 from .formats import Source, complete_text_config, is_buffer, patch_kernel, vision_tower
 from .hub import fetch
+from .tensors import Tensor, model_files, read_file, read_files
 
 # Flat-config keys that are LLaVA's, not the language model's.
 NOT_TEXT = {

@@ -15,16 +15,13 @@ import mlx.nn as nn
 from mlx.utils import tree_unflatten
 from mlx_lm.tuner.utils import load_adapters as load_lm_adapters
 
-from .errors import LlavaError
+from .errors import LlavaError, check_output, check_quantization
 
 
 def apply_adapters(model, folder):
     """Put a LoRA folder's adapters and projector onto `model` (in place)."""
     folder = Path(folder)
-    try:
-        config = json.loads((folder / "adapter_config.json").read_text())
-    except FileNotFoundError:
-        raise LlavaError(f"{folder} has no adapter_config.json: not a LoRA output folder") from None
+    config = read_config(folder)
     base = config.get("quantized_base")
     if base and not isinstance(model.language_model.layers[0].self_attn.q_proj, nn.QuantizedLinear):
         # QLoRA adapters were trained on a quantized base: rebuild that base.
@@ -41,11 +38,31 @@ def apply_adapters(model, folder):
     return model
 
 
+def read_config(folder: Path) -> dict:
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+    except (FileNotFoundError, NotADirectoryError):
+        raise LlavaError(f"{folder} has no adapter_config.json: not a LoRA output folder") from None
+    except (ValueError, OSError) as e:
+        raise LlavaError(f"{folder}/adapter_config.json is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise LlavaError(f"{folder}/adapter_config.json must hold a JSON object")
+    return config
+
+
 def fuse(model_path, adapters, output, bits=None, group_size: int = 64, quantize_vision: bool = False):
-    """Merge adapters into the weights and write a plain model directory."""
+    """Merge adapters into the weights and write a plain model directory
+    (quantized to `bits` when given). The output may not be, contain or lie
+    inside the model or the adapters."""
     from .processor import Processor
     from .weights import load_model, quantize, resolve, save_model
 
+    if bits is not None:
+        check_quantization(bits, group_size)
+    check_output(output, [model_path, adapters])
+    if Path(output).exists():
+        raise LlavaError(f"{output} already exists")
+    read_config(Path(adapters))
     path = resolve(model_path)
     model, config = load_model(path)
     apply_adapters(model, adapters)

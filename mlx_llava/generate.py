@@ -12,12 +12,16 @@ from typing import Iterator, Optional
 import mlx.core as mx
 import mlx_lm
 from mlx_lm.generate import GenerationResponse
-from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import (
+    can_trim_prompt_cache,
+    make_prompt_cache,
+    trim_prompt_cache,
+)
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.utils import common_prefix_len
 
 from .conversation import IMAGE_PLACEHOLDER
-from .errors import LlavaError
+from .errors import LlavaError, check_sampling
 from .image import load_image
 
 
@@ -38,11 +42,13 @@ class Chat:
         self.reset(image)
 
     def reset(self, image=None):
-        """Forget the conversation (and the cache); optionally start on a new image."""
+        """Forget the conversation (and the cache); optionally start on a new
+        image. A bad image raises before anything is forgotten."""
+        pending = load_image(image) if image is not None else None
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
         self.images = []  # PIL images, in prompt order
         self.features = []  # their visual tokens, (T, D) each, computed once
-        self.pending_image = load_image(image) if image is not None else None
+        self.pending_image = pending
         self.cache = make_prompt_cache(self.model.language_model)
         self.tokens = []  # the token ids whose keys and values are in the cache
 
@@ -57,7 +63,13 @@ class Chat:
     def ask(self, question: str, image=None, max_tokens: int = 256, temperature: float = 0.0,
             top_p: float = 1.0, seed: Optional[int] = None,
             repetition_penalty: Optional[float] = None) -> Iterator[GenerationResponse]:
-        """Stream the answer to `question` (about `image`, if one is given now)."""
+        """Stream the answer to `question` (about `image`, if one is given now).
+
+        `max_tokens` -1: until the answer ends or the context is full. Bad
+        arguments raise before the conversation changes."""
+        if not isinstance(question, str):
+            raise LlavaError(f"the question must be a string, not {type(question).__name__}")
+        check_sampling(max_tokens, temperature, top_p, seed, repetition_penalty)
         image = load_image(image) if image is not None else self.pending_image
         images = self.images + ([image] if image is not None else [])
         content = question
@@ -78,20 +90,19 @@ class Chat:
                 f"the prompt is {len(ids)} tokens, too long for the model's context of {context} tokens"
             )
         self.images, self.messages, self.pending_image = images, messages, None
-        max_tokens = min(max_tokens, context - len(ids))
+        max_tokens = context - len(ids) if max_tokens == -1 else min(max_tokens, context - len(ids))
         if seed is not None:
             mx.random.seed(seed)
 
-        reused = self.reuse_cache(ids)
-        while len(self.features) < len(self.images):  # each image's visual tokens, (T, D), once
-            pixels, size = self.processor.image_inputs([self.images[len(self.features)]])
-            visual = self.model.encode_images(pixels, size)
-            self.features.append(visual[0] if visual.ndim == 3 else visual)
-        features = mx.concatenate(self.features) if self.features else None
-        embeds = self.model.embed(mx.array([ids]), image_features=features)[0]
-
         generated = []
         try:
+            reused = self.reuse_cache(ids)
+            while len(self.features) < len(self.images):  # each image's visual tokens, (T, D), once
+                pixels, size = self.processor.image_inputs([self.images[len(self.features)]])
+                visual = self.model.encode_images(pixels, size)
+                self.features.append(visual[0] if visual.ndim == 3 else visual)
+            features = mx.concatenate(self.features) if self.features else None
+            embeds = self.model.embed(mx.array([ids]), image_features=features)[0]
             for response in mlx_lm.stream_generate(
                 self.model.language_model,
                 self.processor.tokenizer,
@@ -100,17 +111,18 @@ class Chat:
                 input_embeddings=embeds[reused:],
                 prompt_cache=self.cache,
                 sampler=make_sampler(temperature, top_p),
-                logits_processors=make_logits_processors(repetition_penalty=repetition_penalty),
+                logits_processors=make_logits_processors(repetition_penalty=repetition_penalty)
+                + [only_text_tokens(self.model, self.processor)],
             ):
                 generated.append(response.token)
                 yield response
         finally:
-            # Also on Ctrl-C or an abandoned stream: keep what was said, and
-            # make the cache hold exactly the tokens we know of.
-            self.tokens = ids + generated
-            excess = self.cache[0].offset - len(self.tokens)
-            if excess > 0:
-                trim_prompt_cache(self.cache, excess)
+            # Also on Ctrl-C (even mid-prefill) or an abandoned stream: keep
+            # what was said, and know exactly which tokens the cache holds.
+            known, held = ids + generated, self.cache[0].offset
+            if held > len(known):
+                trim_prompt_cache(self.cache, held - len(known))
+            self.tokens = known[:held]
             answer = [t for t in generated if t not in self.processor.tokenizer.eos_token_ids]
             self.messages.append({"role": "assistant", "content": self.processor.decode(answer).strip()})
 
@@ -157,3 +169,18 @@ def speed_line(r: GenerationResponse) -> str:
         f"generation: {r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s | "
         f"peak memory: {r.peak_memory:.2f} GB"
     )
+
+
+def only_text_tokens(model, processor):
+    """A logits processor that never picks the image token nor an id past the
+    tokenizer's vocabulary: llava-hf pads the output layer (32064 rows for
+    32002 tokens), and such ids decode to nothing."""
+    rows = model.language_model.model.embed_tokens.weight.shape[0]
+    known = min(rows, len(getattr(processor.tokenizer, "_tokenizer", processor.tokenizer)))
+    ids = mx.arange(rows)
+    keep = (ids < known) & (ids != processor.image_token_index)
+
+    def mask(tokens, logits):
+        return mx.where(keep[: logits.shape[-1]], logits, -mx.inf)
+
+    return mask

@@ -26,6 +26,65 @@ from .models.llava import ModelArgs
 IM_START_END = ("<im_start>", "<im_end>")  # the original's DEFAULT_IM_START_TOKEN / DEFAULT_IM_END_TOKEN
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "tokenizer.tiktoken")
+TOO_LONG = "sequence-length-is-longer-than-the-specified-maximum"
+
+
+def read_tokenizer(path: Path, eos_token_ids=None):
+    """mlx-lm's tokenizer wrapper; a missing or broken tokenizer is one line."""
+    if not any((path / name).exists() for name in TOKENIZER_FILES):
+        raise LlavaError(f"{path} has no tokenizer (no tokenizer.json or tokenizer.model)")
+    try:
+        tokenizer = load_tokenizer(path, eos_token_ids=eos_token_ids)
+    except Exception as e:  # transformers raises many kinds, with many lines, for a bad tokenizer
+        first = next((line for line in str(e).splitlines() if line.strip()), "")
+        raise LlavaError(f"cannot load the tokenizer in {path} ({type(e).__name__}: {first})") from None
+    # A prompt past the context is refused with our own message; transformers'
+    # warning about model_max_length would come first.
+    warned = getattr(tokenizer._tokenizer, "deprecation_warnings", None)
+    if isinstance(warned, dict):
+        warned[TOO_LONG] = True
+    return tokenizer
+
+
+def read_image_config(path: Path, image_size: int, image_aspect_ratio=None, grid_pinpoints=None) -> ImageConfig:
+    """preprocessor_config.json, checked against the vision tower's input size.
+
+    Without the file, CLIP's preprocessing at the vision tower's own
+    image_size; a file that is not JSON, has a field of the wrong type or
+    makes images of another size than the tower takes is refused in one line
+    naming the file and the field."""
+    file = path / "preprocessor_config.json"
+    if not file.exists():
+        return ImageConfig.from_preprocessor_config(
+            {"size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size}},
+            image_aspect_ratio, grid_pinpoints)
+    try:
+        pre = json.loads(file.read_text())
+    except (ValueError, OSError) as e:
+        raise LlavaError(f"{file} is not valid JSON ({e})") from None
+    if not isinstance(pre, dict):
+        raise LlavaError(f"{file} must hold a JSON object")
+    for key, kinds in (("size", (int, dict)), ("crop_size", (int, dict)), ("image_mean", (list,)),
+                       ("image_std", (list,)), ("rescale_factor", (int, float)), ("resample", (int,))):
+        if pre.get(key) is not None and not isinstance(pre[key], kinds):
+            raise LlavaError(f"{file}: {key} has the wrong type ({pre[key]!r})")
+    for key in ("image_mean", "image_std"):
+        value = pre.get(key)
+        if value is not None and not (len(value) == 3 and all(isinstance(v, (int, float)) for v in value)):
+            raise LlavaError(f"{file}: {key} must be 3 numbers, not {value!r}")
+    try:
+        image_config = ImageConfig.from_preprocessor_config(pre, image_aspect_ratio, grid_pinpoints)
+    except (KeyError, TypeError, ValueError) as e:
+        raise LlavaError(f"{file}: unreadable ({type(e).__name__}: {e})") from None
+    side = image_config.crop_size if image_config.do_center_crop else image_config.resize_size
+    if side is not None and tuple(side) != (image_size, image_size):
+        field = "crop_size" if image_config.do_center_crop else "size"
+        raise LlavaError(f"{file}: {field} {side[0]}x{side[1]} does not match the vision tower's "
+                         f"image_size {image_size} (config.json)")
+    return image_config
+
+
 class Processor:
     def __init__(self, tokenizer, image_config: ImageConfig, image_token_index: int,
                  num_visual_tokens: int, conv_mode: str, context_length: int,
@@ -44,18 +103,17 @@ class Processor:
     @classmethod
     def from_dir(cls, path, config: dict):
         path = Path(path)
-        try:
-            tokenizer = load_tokenizer(path, eos_token_ids=config.get("text_config", {}).get("eos_token_id"))
-        except Exception as e:  # transformers raises many kinds for a missing/bad tokenizer
-            raise LlavaError(f"cannot load the tokenizer in {path} ({type(e).__name__}: {e})") from None
+        tokenizer = read_tokenizer(path, config.get("text_config", {}).get("eos_token_id"))
         attach_chat_template(tokenizer, path)
-        pre = path / "preprocessor_config.json"
-        pre = json.loads(pre.read_text()) if pre.exists() else {}
-        chosen = settings(config, pre, has_chat_template(tokenizer))
         args = ModelArgs.from_dict(config)
         anyres = args.anyres
-        image_config = ImageConfig.from_preprocessor_config(
-            pre, chosen["image_aspect_ratio"], anyres.pinpoints if anyres else None)
+        try:
+            pre = json.loads((path / "preprocessor_config.json").read_text())
+        except (OSError, ValueError):
+            pre = {}  # none, or broken: read_image_config says which
+        chosen = settings(config, pre if isinstance(pre, dict) else {}, has_chat_template(tokenizer))
+        image_config = read_image_config(path, args.vision_config["image_size"], chosen["image_aspect_ratio"],
+                                         anyres.pinpoints if anyres else None)
         return cls(
             tokenizer,
             image_config,

@@ -9,8 +9,6 @@ than one), tokenizer files and preprocessor_config.json. Our own keys
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -19,10 +17,17 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import make_shards, quantize_model
 
-from .conversation import CHAT_TEMPLATE, DEFAULT_CONV_MODE, IMAGE_PLACEHOLDER, trained_conv_mode
-from .errors import LlavaError
+from . import atomic
+from .conversation import (
+    CHAT_TEMPLATE,
+    DEFAULT_CONV_MODE,
+    IMAGE_PLACEHOLDER,
+    trained_conv_mode,
+)
+from .errors import LlavaError, is_int
 from .models.clip import clip_vision_config, vision_model_name
 from .models.llava import Model, ModelArgs, llava_config
+from .models.projector import PROJECTOR_TYPES
 
 # What `load` fetches of a hub repository already in MLX format.
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
@@ -32,6 +37,8 @@ MAX_SHARD_GB = 5
 def resolve(path_or_repo) -> Path:
     """A local folder, or a hub repo id fetched with huggingface-hub (which
     honours HF_HUB_OFFLINE and its local cache)."""
+    if not isinstance(path_or_repo, (str, os.PathLike)):
+        raise LlavaError(f"a model is a folder or a hub repo id, not {type(path_or_repo).__name__}")
     path = Path(path_or_repo).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -74,11 +81,58 @@ def default_model() -> Path:
 
 def load_config(path: Path) -> dict:
     try:
-        return json.loads((Path(path) / "config.json").read_text())
+        config = json.loads((Path(path) / "config.json").read_text())
     except FileNotFoundError:
         raise LlavaError(f"{path} has no config.json") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LlavaError(f"{path}/config.json is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise LlavaError(f"{path}/config.json must hold a JSON object, not a {type(config).__name__}")
+    return config
+
+
+SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads", "vocab_size", "max_position_embeddings", "image_size", "patch_size")
+
+
+def check_config(config: dict, path) -> dict:
+    """A LLaVA config.json's required parts and the types of the fields we
+    read, each problem as one line naming the field: a sparse or broken
+    config would otherwise be filled with LLaMA-7B defaults and fail later
+    with hundreds of parameter names."""
+    where = Path(path) / "config.json"
+
+    def bad(field, what):
+        raise LlavaError(f"{where}: {field} {what}")
+
+    text = config.get("text_config")
+    if text is None:
+        bad("text_config", "is missing (the language model's settings): not a llava-hf style LLaVA directory")
+    if not isinstance(text, dict) or not text:
+        bad("text_config", f"must be a non-empty object, not {text!r}")
+    vision = config.get("vision_config")
+    if vision is not None and not isinstance(vision, dict):
+        bad("vision_config", f"must be an object, not {vision!r}")
+    for section, fields in (("text_config", text), ("vision_config", vision or {})):
+        for key in SIZES:
+            value = fields.get(key)
+            if value is not None and not (is_int(value) and value > 0):
+                bad(f"{section}.{key}", f"must be a positive integer, not {value!r}")
+        if not isinstance(fields.get("model_type", ""), str):
+            bad(f"{section}.model_type", f"must be a string, not {fields['model_type']!r}")
+    for key in ("image_token_index", "image_token_id"):
+        if key in config and not (is_int(config[key]) and config[key] >= 0):
+            bad(key, f"must be a token id (an integer >= 0), not {config[key]!r}")
+    layer = config.get("vision_feature_layer", -2)
+    if not (is_int(layer) or (isinstance(layer, list) and layer and all(is_int(x) for x in layer))):
+        bad("vision_feature_layer", f"must be an integer or a list of integers, not {layer!r}")
+    for key, allowed in (("projector_type", PROJECTOR_TYPES), ("vision_feature_select_strategy", ("default", "full"))):
+        if key in config and config[key] not in allowed:
+            bad(key, f"must be one of {', '.join(allowed)}, not {config[key]!r}")
+    q = config.get("quantization")
+    if q is not None and not (isinstance(q, dict) and is_int(q.get("bits")) and is_int(q.get("group_size"))):
+        bad("quantization", f"must be an object with integer bits and group_size, not {q!r}")
+    return config
 
 
 def weight_files(path: Path) -> list:
@@ -138,24 +192,40 @@ def load_model(path, lazy: bool = False):
     """-> (Model, config) from a model directory; the config complete, in
     the spelling our model reads (see `llava_config`), whichever the file has."""
     path = Path(path)
-    config = load_config(path)
-    check_llava(config)
-    config = llava_config(config)
+    raw = check_config(load_config(path), path)
+    check_llava(raw)
+    config = llava_config(raw)
     weights = load_weights(path)
     # mlx-lm would tie the output layer to the embeddings unless told, silently
     # dropping Vicuna's own lm_head: decide from the checkpoint itself.
     config["text_config"]["tie_word_embeddings"] = not any(k.endswith("lm_head.weight") for k in weights)
-    model = build_model(config)
+    try:
+        model = build_model(config)
+    except (TypeError, ValueError, KeyError) as e:  # a field of a type the checks above do not know
+        raise LlavaError(f"{path}/config.json: cannot build the model from it ({type(e).__name__}: {e})") from None
     weights = model.sanitize(weights)
     apply_quantization(model, config, weights)
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
-        raise LlavaError(f"{path}: weights do not match config.json ({e})") from None
+        assumed = [f"no {section}.hidden_size: {what} assumed" for section, what in (
+            ("text_config", "LLaMA-7B's sizes"), ("vision_config", "CLIP ViT-L/14-336's sizes"))
+            if "hidden_size" not in (raw.get(section) or {})]
+        hint = f"; config.json gives {', '.join(assumed)}" if assumed else ""
+        raise LlavaError(f"{path}: weights do not match config.json ({short(e)}){hint}") from None
     if not lazy:
         mx.eval(model.parameters())
     model.eval()
     return model, config
+
+
+def short(e: Exception, names: int = 3) -> str:
+    """mlx's "Missing 252 parameters: <one per line>" as one short line."""
+    head, *rest = str(e).splitlines() or [""]
+    rest = [r.strip(" ,.") for r in rest if r.strip(" ,.")]
+    if len(rest) > names:
+        rest = rest[:names] + [f"... {len(rest) - names} more"]
+    return f"{head.rstrip(': ')}: {', '.join(rest)}" if rest else head
 
 
 def read_clip_config(path) -> tuple:
@@ -200,7 +270,12 @@ def assemble(language_model, vision_tower, projector_type: str = "mlp2x_gelu", c
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
     from .image import ImageConfig
-    from .processor import Processor, attach_chat_template, has_chat_template, tokenizer_legacy
+    from .processor import (
+        Processor,
+        attach_chat_template,
+        has_chat_template,
+        tokenizer_legacy,
+    )
 
     lm_path = resolve(language_model)
     lm_config = load_config(lm_path)
@@ -258,14 +333,12 @@ def quantize(model: Model, config: dict, bits: int = 4, group_size: int = 64,
 
 def save_model(path, model: Model, config: dict, processor=None, overwrite: bool = False,
                extra_files: Optional[dict] = None):
-    """Write a model directory atomically: everything goes to a temporary
-    folder beside `path`, renamed into place only when complete."""
+    """Write a model directory atomically (`atomic.folder`): a temporary folder
+    beside `path`, renamed into place only when complete."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise LlavaError(f"{path} already exists")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic.folder(path, "saving", overwrite=True) as tmp:
         weights = dict(tree_flatten(model.parameters()))
         shards = make_shards(weights, MAX_SHARD_GB)
         names = (
@@ -285,14 +358,6 @@ def save_model(path, model: Model, config: dict, processor=None, overwrite: bool
             processor.save(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
+
+

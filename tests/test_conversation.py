@@ -15,7 +15,6 @@ import pytest
 from mlx_llava.conversation import (
     CHAT_TEMPLATE,
     IGNORE_INDEX,
-    IMAGE_PLACEHOLDER,
     TEMPLATES,
     build_targets,
     get_template,

@@ -625,7 +625,7 @@ def test_unknown_model_type(good_source, tmp_path, cli):
     config = {k: v for k, v in config.items() if not k.startswith("mm_")}
     (good_source / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
     result = cli("--hf", good_source, "--mlx-path", tmp_path / "out")
-    assert_one_line_error(result, "unknown architecture 'bert'")
+    assert_one_line_error(result, "unknown model type 'bert'")
     assert_nothing_left(tmp_path / "out")
 
 

@@ -115,3 +115,17 @@ def test_prompt_longer_than_context(loaded):
     model, processor = loaded
     with pytest.raises(LlavaError, match=r"too long for the model's context of 256 tokens"):
         generate(model, processor, "the star " * 300, max_tokens=3)
+
+
+def test_sampling_never_picks_the_image_token_or_padding_rows(loaded, picture):
+    """llava-hf pads the output layer past the tokenizer (here 416 rows for 401
+    tokens): sampled freely, the model must still only say tokens it can decode."""
+    model, processor = loaded
+    chat = Chat(model, processor, image=picture)
+    tokens = []
+    for seed in range(20):
+        chat.restart()
+        tokens += [r.token for r in chat.ask("What is in the image?", max_tokens=50, temperature=5.0, seed=seed)]
+    assert len(tokens) > 200  # enough draws that, unmasked, the 15 padding rows would come up
+    vocabulary = len(processor.tokenizer._tokenizer)
+    assert all(t < vocabulary and t != processor.image_token_index for t in tokens)

@@ -1,7 +1,6 @@
 """Training: what learns in each stage, resumability, data parallelism, fusing."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -106,8 +106,8 @@ def pass_samples(short: list, mixture: list, share: float, seed: int) -> list:
 
 def build(out, recipe: Recipe = None, variants=(SHIPPED,), log=print) -> dict:
     """Run the recipe into `out`; returns {variant: held-out results} and timings."""
-    from .dataset import build_dataset
     from ..train import TrainConfig, train
+    from .dataset import build_dataset
     from .tokenizer import train_tokenizer
 
     recipe = recipe or Recipe()

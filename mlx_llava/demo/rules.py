@@ -25,7 +25,17 @@ from pathlib import Path
 
 from ..conversation import IMAGE_PLACEHOLDER
 from ..datagen.prompts import DETAIL_INSTRUCTIONS
-from .world import AT, COLOURS, NUMBER_WORDS, PLURALS, SHAPES, Object, Scene, article, join
+from .world import (
+    AT,
+    COLOURS,
+    NUMBER_WORDS,
+    PLURALS,
+    SHAPES,
+    Object,
+    Scene,
+    article,
+    join,
+)
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 TYPES = ("conversation", "detail", "reasoning")

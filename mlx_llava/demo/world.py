@@ -29,7 +29,6 @@ import dataclasses
 import hashlib
 import json
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 

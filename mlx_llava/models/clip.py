@@ -16,7 +16,6 @@ from typing import List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-
 from mlx_lm.models.base import BaseModelArgs
 
 from ..errors import LlavaError

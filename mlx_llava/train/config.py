@@ -7,14 +7,24 @@ without weight decay, gradients clipped at 1.0; LoRA rank 128, alpha 256,
 dropout 0.05 (LLaVA-1.5's LoRA recipe).
 """
 
+import os
+import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
-from ..errors import LlavaError
+from ..errors import LlavaError, check_output, is_int, is_number, need
 
 METHODS = ("lora", "qlora", "full")
 OPTIMIZERS = ("adamw", "muon")
+QLORA_BITS = (2, 3, 4, 5, 6, 8)
+# The smallest value each numeric option takes ("above": strictly more).
+AT_LEAST = dict(batch_size=1, grad_accum=1, iters=1, save_every=1, keep=1, eval_every=1, lora_rank=1,
+                max_length=1, seed=0, projector_lr=0, vision_tower_lr=0,
+               weight_decay=0, max_grad_norm=0, warmup_ratio=0,
+                lora_dropout=0)
+ABOVE = dict(learning_rate=0, muon_lr=0, epochs=0, lora_alpha=0)
+BELOW = dict(warmup_ratio=1, lora_dropout=1, seed=2**32)  # strictly less
 
 
 @dataclass(frozen=True)
@@ -122,6 +132,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        self.check_types()
         if self.stage not in (1, 2):
             raise LlavaError(f"--stage must be 1 or 2, not {self.stage}")
         if (self.model is None) == (self.language_model is None):
@@ -129,7 +140,9 @@ class TrainConfig:
         if self.language_model is not None and self.vision_tower is None:
             raise LlavaError("--language-model needs --vision-tower (a CLIP directory)")
         stage = STAGES[self.stage]
-        self.method = stage.methods[0] if self.stage == 1 else (self.method or stage.methods[0])
+        if self.stage == 1 and self.method not in (None, "projector"):
+            raise LlavaError(f"stage 1 trains the projector alone: --{self.method} is for stage 2")
+        self.method = self.method or stage.methods[0]
         if self.method not in stage.methods:
             raise LlavaError(f"unknown training method {self.method!r}; expected one of {stage.methods}")
         if self.optimizer not in OPTIMIZERS:
@@ -147,6 +160,56 @@ class TrainConfig:
         if self.vision_tower_lr is not None and self.cache_features:
             raise LlavaError("--cache-features needs a frozen vision tower: its features change as it trains "
                              "with --vision-tower-lr")
+        self.check_values()
+
+    def check_types(self):
+        """Each option of its field's type (a YAML file can hold anything);
+        a number written as a string ("1e-3", which YAML reads as one) is
+        read, and a path may be a Path."""
+        for f in fields(self):
+            value, kind = getattr(self, f.name), f.type
+            optional = type(None) in typing.get_args(kind)
+            kind = next((k for k in typing.get_args(kind) if k is not type(None)), kind)
+            if value is None:
+                need(optional, f"--{flag(f.name)} is required")
+                continue
+            if kind is float and isinstance(value, str):
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
+            if kind is str and isinstance(value, os.PathLike):
+                value = os.fspath(value)
+            setattr(self, f.name, value)
+            ok = {int: is_int, float: is_number, bool: lambda v: isinstance(v, bool),
+                  str: lambda v: isinstance(v, str)}[kind](value)
+            need(ok, f"--{flag(f.name)} must be {'an' if kind is int else 'a'} "
+                     f"{dict(int='integer', float='number', bool='true or false', str='string')[kind.__name__]}, "
+                     f"not {value!r}")
+
+    def check_values(self):
+        """Numbers in range, and settings that only make sense together."""
+        for name, low in AT_LEAST.items():
+            value = getattr(self, name)
+            need(value is None or value >= low, f"--{flag(name)} must be at least {low}, not {value}")
+        for name, low in ABOVE.items():
+            value = getattr(self, name)
+            need(value is None or value > low, f"--{flag(name)} must be more than {low}, not {value}")
+        for name, high in BELOW.items():
+            value = getattr(self, name)
+            need(value < high, f"--{flag(name)} must be less than {high}, not {value}")
+        need(self.lora_layers == -1 or self.lora_layers >= 1,
+             f"--lora-layers must be -1 (all blocks) or at least 1, not {self.lora_layers}")
+        need(self.qlora_bits in QLORA_BITS,
+             f"qlora_bits must be one of {', '.join(map(str, QLORA_BITS))}, not {self.qlora_bits}")
+        if self.conv_mode is not None:
+            from ..conversation import CHAT_TEMPLATE, get_template
+
+            if self.conv_mode != CHAT_TEMPLATE:
+                get_template(self.conv_mode)
+        if self.image_folder is not None:
+            need(Path(self.image_folder).is_dir(), f"--image-folder {self.image_folder} is not a folder")
+        check_output(self.output, [self.model, self.language_model, self.vision_tower])
 
     @classmethod
     def from_file(cls, path, **overrides) -> "TrainConfig":
@@ -157,6 +220,10 @@ class TrainConfig:
         return asdict(self)
 
 
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
 def read_file(path) -> dict:
     """A YAML (or JSON) file of training options, checked against the known keys."""
     import yaml
@@ -165,6 +232,8 @@ def read_file(path) -> dict:
         values = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
         raise LlavaError(f"config file not found: {path}") from None
+    except (IsADirectoryError, UnicodeDecodeError):
+        raise LlavaError(f"{path} is not a YAML file") from None
     except yaml.YAMLError as e:
         raise LlavaError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
     if not isinstance(values, dict):

@@ -42,6 +42,12 @@ def read_records(path) -> tuple:
         text = path.read_text()
     except FileNotFoundError:
         raise LlavaError(f"training data not found: {path}") from None
+    except IsADirectoryError:
+        raise LlavaError(f"{path} is a folder; expected a LLaVA JSON or JSONL file") from None
+    except UnicodeDecodeError:
+        raise LlavaError(f"{path} is not a text file (LLaVA JSON or JSONL)") from None
+    if not text.strip():
+        raise LlavaError(f"{path} is empty")
     try:
         data = json.loads(text)
         if not isinstance(data, list):
@@ -71,11 +77,23 @@ def check_record(record) -> Optional[str]:
     for t in turns:
         if not isinstance(t, dict) or not isinstance(t.get("value"), str) or "from" not in t:
             return "malformed turn"
+    if not any(t["from"] in ("human", "user") for t in turns):
+        return "no question (human turn)"
     if not any(t["from"] in ("gpt", "assistant") for t in turns):
         return "no answer to learn"
     if "image" in record and not isinstance(record["image"], str):
         return "image is not a path"
     return None
+
+
+def skip_summary(skipped) -> str:
+    """(id, reason) pairs as counts per kind of reason, most first:
+    "3 image not found, 1 not valid JSON" (a reason's detail after ":" dropped)."""
+    counts = {}
+    for _, why in skipped:
+        kind = why.split(":")[0]
+        counts[kind] = counts.get(kind, 0) + 1
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 class MemoTokenizer:

@@ -1,6 +1,5 @@
 """What a run shows: a progress bar while it trains, the loss curve as a PNG after."""
 
-from pathlib import Path
 
 from PIL import Image, ImageDraw
 
@@ -40,7 +39,13 @@ class ProgressBar:
     """A rich progress bar with the latest loss (rich comes with typer)."""
 
     def __init__(self, total: int, done: int = 0, title: str = "training"):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeRemainingColumn(), TextColumn("{task.fields[loss]}"))

@@ -19,8 +19,8 @@ from mlx.utils import tree_flatten
 
 from ..errors import LlavaError
 from . import checkpoint
-from .config import STAGES, TrainConfig
-from .data import Dataset, prepare
+from .config import STAGES, TrainConfig, flag
+from .data import Dataset, prepare, skip_summary
 from .features import FeatureCache, fill_cache
 
 
@@ -74,9 +74,10 @@ def setup(cfg: TrainConfig, say=print) -> Run:
     micro, accum = split_batch(cfg.batch_size, world, cfg.grad_accum)
     per_epoch = len(data.examples) // cfg.batch_size
     if per_epoch == 0:
+        why = f"; skipped {len(data.skipped)}: {skip_summary(data.skipped)}" if data.skipped else ""
         raise LlavaError(
             f"{cfg.data} has {len(data.examples)} usable examples, fewer than one global batch "
-            f"(--batch-size {cfg.batch_size})"
+            f"(--batch-size {cfg.batch_size}){why}"
         )
     total = cfg.iters or max(1, math.ceil(cfg.epochs * per_epoch))
 
@@ -87,6 +88,7 @@ def setup(cfg: TrainConfig, say=print) -> Run:
     if cfg.resume:
         found = checkpoint.checkpoints(out / "checkpoints")
         if found:
+            check_resume(found[-1], cfg, lora)
             start = checkpoint.load(found[-1], model, optimizer)["step"]
             say(f"resuming from {found[-1]} (step {start})")
         else:
@@ -96,6 +98,64 @@ def setup(cfg: TrainConfig, say=print) -> Run:
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     return Run(cfg, model, model_config, processor, lora, conv_mode, data, val, features,
                micro, accum, per_epoch, total, optimizer, start, group)
+
+
+# ---------------------------------------------------------------- resuming
+
+# The settings a checkpoint's tensors depend on: resuming with others would
+# load weights of other shapes, or of another model, and end in adapters
+# that cannot be used.
+RESUME_SETTINGS = ("stage", "method", "lora_rank", "lora_layers", "qlora_bits", "projector_type",
+                   "model", "language_model", "vision_tower")
+PATHS = ("model", "language_model", "vision_tower")
+
+
+def resume_settings(cfg: dict, lora=None) -> dict:
+    """`lora`: setup_trainable's answer, whose num_layers is the blocks
+    adapted, so that --lora-layers -1 and its number agree."""
+    settings = {k: cfg.get(k) for k in RESUME_SETTINGS}
+    if lora is not None:
+        settings["lora_layers"] = lora["num_layers"]
+    if settings["method"] not in ("lora", "qlora"):
+        del settings["lora_rank"], settings["lora_layers"]
+    if settings["method"] != "qlora":
+        del settings["qlora_bits"]
+    if settings["model"]:
+        del settings["projector_type"]  # the model's own
+    for k in PATHS:
+        if settings.get(k) and Path(settings[k]).expanduser().exists():
+            settings[k] = str(Path(settings[k]).expanduser().resolve())
+    return settings
+
+
+def check_resume(path: Path, cfg: TrainConfig, lora=None):
+    """Refuse to resume from a checkpoint made with other settings, naming the
+    first that differs. An older checkpoint without its settings is compared
+    with the run folder's train_config.json (paths aside: they were relative
+    to another working directory, perhaps)."""
+    old = checkpoint.state(path).get("settings")
+    compare_paths = old is not None
+    if old is None:
+        saved = path.parent.parent / "train_config.json"
+        if not saved.exists():
+            return
+        try:
+            old = resume_settings(json.loads(saved.read_text()))
+        except ValueError:
+            return
+    new = resume_settings(cfg.to_dict(), lora)
+    for key in RESUME_SETTINGS:
+        if key in PATHS and not compare_paths or key == "lora_layers" and -1 in (old.get(key), new.get(key)):
+            continue
+        if key in old or key in new:
+            if old.get(key) != new.get(key):
+                def show(value):
+                    return f"--{value}" if key == "method" else f"--{flag(key)} {value}"
+
+                raise LlavaError(
+                    f"cannot resume from {path}: it was made with {show(old.get(key))}, this run with "
+                    f"{show(new.get(key))} (resume with the same settings, or train into a new --output)"
+                )
 
 
 # ---------------------------------------------------------------- the model
@@ -126,6 +186,8 @@ def setup_trainable(model, cfg: TrainConfig):
             nn.quantize(lm, group_size=64, bits=cfg.qlora_bits,
                         class_predicate=lambda p, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % 64 == 0)
         layers = len(lm.layers) if cfg.lora_layers < 0 else cfg.lora_layers
+        if layers > len(lm.layers):
+            raise LlavaError(f"--lora-layers {layers}: the language model has {len(lm.layers)} blocks")
         lora = {"rank": cfg.lora_rank, "scale": cfg.lora_alpha / cfg.lora_rank, "dropout": cfg.lora_dropout}
         linear_to_lora_layers(lm, layers, lora)
         lora = {"num_layers": layers, "lora_parameters": lora}

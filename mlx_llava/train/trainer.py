@@ -26,12 +26,12 @@ from mlx.utils import tree_flatten, tree_map
 from ..conversation import IGNORE_INDEX
 from ..errors import LlavaError
 from ..image import load_image
-from .config import TrainConfig
-from .data import Dataset, epoch_batches, pad
-from .features import image_features
 from . import checkpoint
+from .config import TrainConfig
+from .data import Dataset, epoch_batches, pad, skip_summary
+from .features import image_features
 from .report import ProgressBar, plot_loss
-from .setup import Run, current_lr, setup, trainable_count
+from .setup import Run, current_lr, resume_settings, setup, trainable_count
 
 WIDTH_STEP = 32  # batches are padded to a multiple of this many tokens
 TARGET_STEP = 64  # and their target positions (and AnyRes token layouts) to a multiple of this many
@@ -62,9 +62,9 @@ def train(config: TrainConfig = None, on_step=None, **kwargs) -> dict:
         save_outputs(out, run)
         plot_loss(read_losses(out / "log.jsonl"), out / "loss.png")
         if data.skipped:
-            say(f"skipped {len(data.skipped)} record(s): "
-                + ", ".join(f"{i} ({why})" for i, why in data.skipped[:10])
-                + (" ..." if len(data.skipped) > 10 else ""))
+            say(f"skipped {len(data.skipped)} record(s): {skip_summary(data.skipped)}; e.g. "
+                + ", ".join(f"{i} ({why})" for i, why in data.skipped[:5])
+                + (" ..." if len(data.skipped) > 5 else ""))
         if data.unplaced:
             say(f"{len(data.unplaced)} record(s) have an image but no <image> placeholder: trained as text, "
                 "their image unseen, as the original does (" + ", ".join(data.unplaced[:5])
@@ -137,7 +137,8 @@ def loop(run: Run, lead: bool, on_step=None) -> list:
                 bar.advance(loss)
             if lead and (step + 1) % cfg.save_every == 0 and step + 1 < run.total:
                 checkpoint.save(out / "checkpoints", step + 1, model, optimizer,
-                                {"epoch": epoch, "loss": loss}, cfg.keep)
+                                {"epoch": epoch, "loss": loss, "settings": resume_settings(cfg.to_dict(), run.lora)},
+                                cfg.keep)
             if on_step:
                 on_step(step + 1, loss)
     finally:
