@@ -20,6 +20,7 @@ from mlx_lm.models.cache import (
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.utils import common_prefix_len
 
+from .batch import only_text_tokens
 from .conversation import IMAGE_PLACEHOLDER
 from .errors import LlavaError, check_sampling
 from .image import load_image
@@ -151,8 +152,15 @@ def stream_generate(model, processor, prompt: str, image=None, **kwargs) -> Iter
     yield from chat.ask(prompt, **kwargs)
 
 
-def generate(model, processor, prompt: str, image=None, verbose: bool = False, **kwargs) -> str:
-    """One question's whole answer; with `verbose`, stream it and print the speeds."""
+def generate(model, processor, prompt, image=None, verbose: bool = False, batch_size: int = 8, **kwargs):
+    """One question's whole answer; with `verbose`, stream it and print the speeds.
+
+    `prompt` a list: each question's answer, in order, decoded together
+    `batch_size` at a time (`mlx_llava.batch`); `image` is then one image
+    for all, or a list with one (or None) per question. Greedy answers equal
+    those of one question at a time."""
+    if isinstance(prompt, (list, tuple)):
+        return _generate_many(model, processor, list(prompt), image, batch_size, **kwargs)
     text, last = [], None
     for last in stream_generate(model, processor, prompt, image, **kwargs):
         text.append(last.text)
@@ -163,6 +171,19 @@ def generate(model, processor, prompt: str, image=None, verbose: bool = False, *
     return "".join(text)
 
 
+def _generate_many(model, processor, prompts: list, image, batch_size: int, system=None, seed=None,
+                   **options) -> list:
+    from .batch import Request, batch_generate
+
+    images = image if isinstance(image, (list, tuple)) else [image] * len(prompts)
+    if len(images) != len(prompts):
+        raise LlavaError(f"{len(prompts)} prompts but {len(images)} images")
+    if seed is not None:
+        mx.random.seed(seed)
+    requests = [Request.ask(p, image=i, system=system, **options) for p, i in zip(prompts, images)]
+    return batch_generate(model, processor, requests, batch_size=batch_size)
+
+
 def speed_line(r: GenerationResponse) -> str:
     return (
         f"prompt: {r.prompt_tokens} tokens, {r.prompt_tps:.1f} tok/s | "
@@ -170,17 +191,3 @@ def speed_line(r: GenerationResponse) -> str:
         f"peak memory: {r.peak_memory:.2f} GB"
     )
 
-
-def only_text_tokens(model, processor):
-    """A logits processor that never picks the image token nor an id past the
-    tokenizer's vocabulary: llava-hf pads the output layer (32064 rows for
-    32002 tokens), and such ids decode to nothing."""
-    rows = model.language_model.model.embed_tokens.weight.shape[0]
-    known = min(rows, len(getattr(processor.tokenizer, "_tokenizer", processor.tokenizer)))
-    ids = mx.arange(rows)
-    keep = (ids < known) & (ids != processor.image_token_index)
-
-    def mask(tokens, logits):
-        return mx.where(keep[: logits.shape[-1]], logits, -mx.inf)
-
-    return mask

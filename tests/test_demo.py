@@ -39,11 +39,26 @@ def test_chat_runs_the_demo_model_without_a_model_flag():
     assert question  # the sample is not empty
 
 
-def test_eval_command_prints_the_table():
-    result = subprocess.run([sys.executable, "-m", "mlx_llava.cli", "eval"], capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    assert "| demo |" in result.stdout and "overall" in result.stdout
+def test_eval_command_prints_the_table(tmp_path):
+    """`mlx-llava eval` (the quick check) and the benchmark path, `eval answer` then
+    `eval score heldout`, give the same figures: the shipped model's reported ones."""
+    def cli(*args):
+        result = subprocess.run([sys.executable, "-m", "mlx_llava.cli", "eval", *args], capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    quick = cli()
+    assert "| demo |" in quick and "overall" in quick
+    row = next(line for line in quick.splitlines() if line.startswith("| demo |"))
+    cli("answer", "--answers", str(tmp_path / "demo.jsonl"), "--batch-size", "16")
+    scored = cli("score", "heldout", "--answers", str(tmp_path / "demo.jsonl"))
+    assert row in scored
+    summary = json.loads((tmp_path / "demo.score.json").read_text())
+    reported = REPORTED["shipped_sample"]
+    assert summary["count"] == reported["count"]
+    assert abs(summary["accuracy"] - reported["accuracy"]) <= 1 / summary["count"] + 1e-9
+    assert row.endswith(f"| {100 * summary['accuracy']:.1f} |")
 
 
 def test_recipe_runs_end_to_end_at_toy_scale(tmp_path):

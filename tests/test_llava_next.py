@@ -459,3 +459,22 @@ def test_full_and_qlora_on_a_16_model(hf_dir, next_data, tmp_path, method):
 
         model, _ = mlx_llava.load(hf_dir, adapter_path=tmp_path)
         assert isinstance(model.language_model.layers[0].self_attn.q_proj.linear, nn.QuantizedLinear)
+
+
+def test_batched_generation_equals_one_at_a_time(hf_dir, tmp_path):
+    """mlx_llava.batch with a 1.6 model: images of different token counts in
+    one vision-tower call, each prompt answered as alone (greedy)."""
+    from mlx_llava.batch import Request, stream_batch
+
+    model, processor = mlx_llava.load(hf_dir)
+    paths = []
+    for k, name in enumerate(["landscape", "portrait", "odd"]):
+        paths.append(tmp_path / f"{name}.png")
+        noise(IMAGES[name], seed=k).save(paths[-1])
+    questions = ["What is it?", "Describe the picture.", "Which colour?"]
+    expected = [[r.token for r in mlx_llava.stream_generate(model, processor, q, image=p, max_tokens=6)]
+                for q, p in zip(questions, paths)]
+    tokens = [[] for _ in questions]
+    for r in stream_batch(model, processor, [Request.ask(q, image=p, max_tokens=6) for q, p in zip(questions, paths)], 3):
+        tokens[r.uid].append(r.token)
+    assert tokens == expected

@@ -1,9 +1,10 @@
-"""Short-answer accuracy on questions about images, by kind.
+"""Short-answer accuracy on questions about images, by kind: one more benchmark.
 
-Each question is asked in a fresh conversation about its image (greedy
-decoding), as LLaVA-1.5 evaluates short-answer VQA; the image's visual tokens
-and the shared prompt prefix are computed once per image. Whether an answer
-is right is the caller's `match(prediction, answer)`.
+Questions are mlx-llava's short-answer JSON (`[{image, question, answer,
+kind}]`, e.g. the demo model's held-out sample). They are answered like
+every other benchmark's (`answer.answer_lines`: a fresh conversation per
+question in the model's trained template, greedy, batched) and scored here:
+an answer is right when the caller's `match(prediction, answer)` says so.
 """
 
 import json
@@ -11,7 +12,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..errors import LlavaError
-from ..generate import Chat
+from .answer import answer_lines, key
+from .questions import read_short_answer
 
 
 def load_questions(path) -> list:
@@ -29,36 +31,46 @@ def load_questions(path) -> list:
     return questions
 
 
-def evaluate(model, processor, questions, image_folder, match, max_tokens: int = 16, on_answer=None) -> dict:
-    """-> {"accuracy", "by_kind": {kind: accuracy}, "count", "answers": [...]}."""
-    by_image = defaultdict(list)
-    for q in questions:
-        by_image[q["image"]].append(q)
-    right, total = defaultdict(int), defaultdict(int)
-    answers = []
-    for image, qs in by_image.items():
-        chat = Chat(model, processor, image=Path(image_folder) / image)
-        for q in qs:
-            chat.restart()
-            answer = chat.say(q["question"], max_tokens=max_tokens).strip()
-            ok = match(answer, q["answer"])
-            kind = q.get("kind", "all")
-            right[kind] += ok
-            total[kind] += 1
-            answers.append({**q, "prediction": answer, "correct": ok})
-            if on_answer:
-                on_answer(answers[-1])
+def score(answers: list, questions: list, match) -> dict:
+    """Answer lines against the questions' answers -> {"accuracy", "by_kind", "count",
+    "questions", "answers"}; only answered questions count."""
+    by_id = {key(a["question_id"]): a for a in answers}
+    right, total, scored = defaultdict(int), defaultdict(int), []
+    for q, asked in zip(questions, read_short_answer(questions)):
+        a = by_id.get(key(asked.question_id))
+        if a is None:
+            continue
+        ok = bool(match(a["text"], q["answer"]))
+        kind = q.get("kind", "all")
+        right[kind] += ok
+        total[kind] += 1
+        scored.append({**q, "prediction": a["text"], "correct": ok})
     count = sum(total.values())
     return {
+        "benchmark": "heldout",
         "accuracy": sum(right.values()) / max(count, 1),
         "by_kind": {k: right[k] / total[k] for k in sorted(total)},
         "count": count,
-        "answers": answers,
+        "questions": len(questions),
+        "answers": scored,
+        "main": 100 * sum(right.values()) / max(count, 1),
     }
 
 
+def evaluate(model, processor, questions, image_folder, match, max_tokens: int = 16, batch_size: int = 8,
+             on_answer=None) -> dict:
+    """Answer and score in one go (no answer file): `score`'s result."""
+    lines = []
+    for line in answer_lines(model, processor, read_short_answer(questions), image_folder,
+                             max_new_tokens=max_tokens, batch_size=batch_size):
+        lines.append(line)
+        if on_answer:
+            on_answer(line)
+    return score(lines, questions, match)
+
+
 def table(results: dict) -> str:
-    """Rows of results (name -> evaluate() output) as a markdown table, like the paper's ablation."""
+    """Rows of results (name -> score() output) as a markdown table, like the paper's ablation."""
     kinds = sorted({k for r in results.values() for k in r["by_kind"]})
     head = "| model | " + " | ".join(kinds) + " | overall |"
     rule = "|---" * (len(kinds) + 2) + "|"
