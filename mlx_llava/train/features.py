@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 from .. import atomic
 from ..errors import LlavaError
 from ..image import load_image
-from .report import ProgressBar
+from .monitor import ProgressBar
 
 
 def fingerprint(model, image_config) -> str:

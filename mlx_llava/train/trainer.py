@@ -30,7 +30,7 @@ from . import checkpoint
 from .config import TrainConfig
 from .data import Dataset, epoch_batches, pad, skip_summary
 from .features import image_features
-from .report import ProgressBar, plot_loss
+from .monitor import ProgressBar, plot_loss
 from .setup import Run, current_lr, resume_settings, setup, trainable_count
 
 WIDTH_STEP = 32  # batches are padded to a multiple of this many tokens
