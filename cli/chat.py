@@ -39,7 +39,7 @@ def chat(
 
     llava, processor = options.load(model, quantize)
     if verbose:
-        options.describe(processor, conv_mode)
+        options.describe(processor, conv_mode, image)
     session = Chat(llava, processor, image, system=system, conv_mode=conv_mode)
     sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                     repetition_penalty=repetition_penalty)

@@ -33,7 +33,7 @@ def generate(
 
     llava, processor = options.load(model, quantize)
     if verbose:
-        options.describe(processor, conv_mode)
+        options.describe(processor, conv_mode, image)
     last = None
     for last in stream_generate(
         llava, processor, prompt, image,

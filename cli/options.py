@@ -85,10 +85,22 @@ def conversion_progress():
             bar.stop()
 
 
-def describe(processor, conv_mode=None):
-    """What --verbose says about the model before it answers."""
+def describe(processor, conv_mode=None, image=None):
+    """What --verbose says about the model (and `image`'s visual tokens) before it answers."""
     import typer
 
-    image = processor.image_config
-    typer.echo(f"template: {conv_mode or processor.conv_mode}; images: {image.image_aspect_ratio} to "
-               f"{image.crop_size[1]}x{image.crop_size[0]}, {processor.num_visual_tokens} visual tokens each", err=True)
+    config = processor.image_config
+    if processor.anyres is None:
+        tokens = f"{processor.num_visual_tokens} visual tokens each"
+    else:
+        tokens = f"crops on a grid of {len(processor.anyres.pinpoints)} pinpoints, visual tokens by image size"
+        if image is not None:
+            from mlx_llava.image import load_image
+
+            picture = load_image(image)
+            size = (picture.height, picture.width)
+            rows, cols = processor.anyres.grid(size)
+            tokens += (f"; this {size[1]}x{size[0]} image: {rows}x{cols} crops + the whole, "
+                       f"{processor.visual_tokens(size)} visual tokens")
+    typer.echo(f"template: {conv_mode or processor.conv_mode}; images: {config.image_aspect_ratio} to "
+               f"{config.crop_size[1]}x{config.crop_size[0]}, {tokens}", err=True)

@@ -35,6 +35,7 @@ def train(
     lora_layers: Annotated[Optional[int], Opt("--lora-layers", help="The last N blocks get adapters (-1: all).")] = None,
     learning_rate: Annotated[Optional[float], Opt("--learning-rate", "--lr")] = None,
     projector_lr: Annotated[Optional[float], Opt("--projector-lr")] = None,
+    vision_tower_lr: Annotated[Optional[float], Opt("--vision-tower-lr", help="Stage 2: the vision tower learns too, at this rate (LLaVA-1.6: 2e-6).")] = None,
     batch_size: Annotated[Optional[int], Opt("--batch-size", help="Global batch: samples per step, over all processes.")] = None,
     grad_accum: Annotated[Optional[int], Opt("--grad-accum", help="Micro-batches per step on each process.")] = None,
     epochs: Annotated[Optional[float], Opt("--epochs")] = None,

@@ -129,7 +129,8 @@ def convert(
         written = writer.write(tmp, items, int(max_shard_gb * 10**9), on_tensor)
         files.save_tokenizer(tokenizer, tmp, source.tokenizer)
         files.write_json(tmp / "preprocessor_config.json",
-                         files.preprocessor_config(source.preprocessor, config["image_aspect_ratio"]))
+                         files.preprocessor_config(source.preprocessor, config["image_aspect_ratio"],
+                                                   config.get("image_grid_pinpoints")))
         summary = Summary(out, str(hf_path), source.kind, written.params, written.bits_per_weight, 0, 0.0,
                           config.get("quantization"), source.notes)
         command = _command(hf_path, out, dtype, quantize, q_bits, q_group_size, quantize_vision,

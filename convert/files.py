@@ -48,9 +48,11 @@ def token_id(tokenizer, token: str) -> int:
     return tokenizer.convert_tokens_to_ids(token)
 
 
-def preprocessor_config(source_config: dict, image_aspect_ratio: str) -> dict:
-    """A preprocessor_config.json that our Processor and transformers read alike."""
-    return ImageConfig.from_preprocessor_config(source_config or {}, image_aspect_ratio).to_preprocessor_config()
+def preprocessor_config(source_config: dict, image_aspect_ratio: str, grid_pinpoints=None) -> dict:
+    """A preprocessor_config.json that our Processor and transformers read alike
+    (AnyRes: with the model's pinpoints, (height, width))."""
+    config = ImageConfig.from_preprocessor_config(source_config or {}, image_aspect_ratio, grid_pinpoints)
+    return config.to_preprocessor_config()
 
 
 def write_json(path: Path, data: dict):

@@ -6,8 +6,9 @@ Five layouts are read:
   told apart from llava-hf by the `mm_*` fields of its flat config;
 - "stage-1": a lone `mm_projector.bin` (needs the language model);
 - "lora": a peft adapter + `non_lora_trainables.bin` (needs the base);
-- "llava-hf": LlavaForConditionalGeneration (`text_config`/`vision_config`);
-- "mlx-vlm": the same config with MLX weights, possibly quantized.
+- "llava-hf": LlavaForConditionalGeneration (`text_config`/`vision_config`),
+  and LLaVA-1.6's LlavaNextForConditionalGeneration (`llava_next`);
+- "mlx-vlm": the same configs with MLX weights, possibly quantized.
 
 The first three live in `original.py`; this module tells the layouts apart
 (`detect`; `convert.open_source` dispatches on it), reads llava-hf / mlx-vlm,
@@ -23,6 +24,7 @@ from typing import Optional
 
 import mlx.core as mx
 
+from mlx_llava import anyres
 from mlx_llava.errors import LlavaError
 from mlx_llava.models.llava import llava_config, rename, text_config_with_defaults
 from mlx_llava.weights import clip_weights, load_config, read_clip_config
@@ -30,7 +32,7 @@ from mlx_llava.weights import clip_weights, load_config, read_clip_config
 from .hub import fetch
 from .tensors import Tensor, model_files, read_files, safetensors_metadata
 
-LLAVA_TYPES = ("llava", "llava_llama", "llava_mistral")
+LLAVA_TYPES = ("llava", "llava_llama", "llava_mistral", "llava_next")
 
 
 @dataclass
@@ -151,8 +153,15 @@ def read_llava_hf(folder: Path, name: str, kind: str) -> Source:
     out = {k: v for k, v in config.items()
            if k not in ("quantization", "quantization_config", "transformers_version", "torch_dtype", "dtype")
            and not k.startswith("_")}
-    out["model_type"] = "llava"
-    out["architectures"] = ["LlavaForConditionalGeneration"]
+    if config.get("image_aspect_ratio") == "anyres":  # llava_next: transformers' AnyRes rules
+        out["model_type"] = "llava_next"
+        out["architectures"] = ["LlavaNextForConditionalGeneration"]
+        out.setdefault("mm_patch_merge_type", "spatial_unpad")
+        out.setdefault("unpad_rounding", "round")
+        out.setdefault("image_grid_pinpoints", [list(p) for p in anyres.DEFAULT_PINPOINTS])
+    else:
+        out["model_type"] = "llava"
+        out["architectures"] = ["LlavaForConditionalGeneration"]
     out["text_config"] = complete_text_config(config["text_config"], tensors)
     out["vision_config"] = vision
     out.setdefault("projector_type", "mlp2x_gelu")

@@ -35,9 +35,10 @@ NOT_TEXT = {
     "use_cache", "image_aspect_ratio", "image_grid_pinpoints", "use_mm_proj", "sep_image_conv_front",
     "tokenizer_model_max_length", "tokenizer_padding_side", "freeze_backbone",
 }
-NOT_TEXT_PREFIXES = ("_", "mm_", "tune_mm", "freeze_mm", "unfreeze_mm")
+NOT_TEXT_PREFIXES = ("_", "mm_", "tune_mm", "freeze_mm", "unfreeze_mm", "image_")
 # Original name prefix -> ours, first match wins.
 RENAMES = (
+    ("model.image_newline", "image_newline"),
     ("model.mm_projector.0.", "multi_modal_projector.linear_1."),
     ("model.mm_projector.2.", "multi_modal_projector.linear_2."),
     ("model.mm_projector.", "multi_modal_projector.linear_1."),
@@ -192,8 +193,6 @@ def _non_lora(tensors: list) -> list:
 def _build(kind, folder, name, config, text, lm_type, tensors, tokenizer, vision_spec, conv_mode, notes) -> Source:
     """The llava-hf style config and the full tensor list of an original-family source."""
     aspect = config.get("image_aspect_ratio") or "square"
-    if aspect == "anyres" or config.get("mm_patch_merge_type", "flat") != "flat":
-        raise LlavaError(f"{folder} is LLaVA-NeXT (anyres), which mlx-llava does not convert yet")
     projector_type = config.get("mm_projector_type", "linear")
     if projector_type not in ("linear", "mlp2x_gelu"):
         raise LlavaError(f"{folder}: projector type {projector_type!r} is not supported (linear, mlp2x_gelu)")
@@ -225,7 +224,42 @@ def _build(kind, folder, name, config, text, lm_type, tensors, tokenizer, vision
         "image_aspect_ratio": "pad" if aspect == "pad" else "crop",
         "mm_use_im_start_end": start_end,
     }
+    tensors = _anyres(config, out, tensors, vision, folder, notes)
     if conv_mode:  # else chosen from the model's name, as the original's CLI does
         out["conv_mode"] = conv_mode
     return Source(kind, name, out, tensors, Path(tokenizer), preprocessor,
                   extra_tokens=extra if start_end else [], notes=notes)
+
+
+def _anyres(config: dict, out: dict, tensors: list, vision: dict, folder, notes: list) -> list:
+    """LLaVA-1.6: AnyRes settings into the output config (llava-hf's
+    `llava_next` spelling), the tensors kept accordingly.
+
+    The original writes pinpoints as (width, height); they are written
+    (height, width), llava-hf's order, pair by pair, so that the first of
+    equal candidates is the one the original picks. Its unpad truncates
+    (`unpad_rounding: truncate`). A `spatial*` merge matters only to
+    anyres images (the original encodes other images flat), so elsewhere an
+    `image_newline` is dropped."""
+    from mlx_llava import anyres
+
+    aspect = config.get("image_aspect_ratio") or "square"
+    merge = config.get("mm_patch_merge_type") or "flat"
+    newline = [t for t in tensors if t.name == "image_newline"]
+    if aspect != "anyres" and not aspect.startswith("anyres_max"):
+        if newline:
+            notes.append(f"mm_patch_merge_type {merge} with image_aspect_ratio {aspect}: the original lays such "
+                         "images out flat, so image_newline is unused and left out")
+        return [t for t in tensors if t.name != "image_newline"]
+    pinpoints = anyres.swap(anyres.parse_pinpoints(config.get("image_grid_pinpoints"), vision["image_size"]))
+    out.update({
+        "model_type": "llava_next", "architectures": ["LlavaNextForConditionalGeneration"],
+        "image_aspect_ratio": aspect, "image_grid_pinpoints": [list(p) for p in pinpoints],
+        "mm_patch_merge_type": merge, "unpad_rounding": "truncate",
+    })
+    anyres.from_config(out, vision)  # refuses what cannot be laid out, in one line
+    if "unpad" in merge and not newline:
+        raise LlavaError(f"{folder}: mm_patch_merge_type {merge} needs model.image_newline, which the checkpoint lacks")
+    if "unpad" not in merge:
+        tensors = [t for t in tensors if t.name != "image_newline"]
+    return tensors

@@ -2,7 +2,9 @@
 
 An adapter folder holds mlx-lm's `adapters.safetensors` + `adapter_config.json`
 for the language model, and `projector.safetensors` beside them (mlx-lm's
-loader refuses tensors that are not LoRA's own, and the projector learns too).
+loader refuses tensors that are not LoRA's own, and the projector learns too;
+LLaVA-1.6's image_newline with it), and `vision_tower.safetensors` when the
+vision tower learned as well (`--vision-tower-lr`).
 """
 
 import json
@@ -29,9 +31,9 @@ def apply_adapters(model, folder):
         load_lm_adapters(model.language_model, str(folder))
     except (ValueError, FileNotFoundError) as e:
         raise LlavaError(f"cannot apply the adapters in {folder}: {e}") from None
-    projector = folder / "projector.safetensors"
-    if projector.exists():
-        model.load_weights(list(mx.load(str(projector)).items()), strict=False)
+    for name in ("projector.safetensors", "vision_tower.safetensors"):  # what learned beside the adapters
+        if (folder / name).exists():
+            model.load_weights(list(mx.load(str(folder / name)).items()), strict=False)
     model.eval()
     return model
 

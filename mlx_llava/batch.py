@@ -223,8 +223,9 @@ class BatchGenerator:
 
     # ------------------------------------------------------------ requests in
 
-    def prompt_ids(self, request: Request) -> list:
-        """The request's prompt token ids, `<image>` expanded to visual tokens."""
+    def prompt_ids(self, request: Request, image_sizes=None) -> list:
+        """The request's prompt token ids, `<image>` expanded to visual tokens
+        (with AnyRes, each image's count by its (height, width) in `image_sizes`)."""
         if request.prompt is not None:
             placeholders = request.prompt.count(IMAGE_PLACEHOLDER)
         else:
@@ -237,7 +238,7 @@ class BatchGenerator:
         text = request.prompt
         if text is None:
             text = self.processor.prompt(request.messages, conv_mode=request.conv_mode)
-        ids = self.processor.encode(text)
+        ids = self.processor.encode(text, image_sizes)
         context = self.processor.context_length
         if len(ids) >= context:
             raise LlavaError(
@@ -256,24 +257,32 @@ class BatchGenerator:
         requests = list(requests)
         if not requests:
             return []
-        prompts = [self.prompt_ids(r) for r in requests]
-        images = [[load_image(image) for image in r.images] for r in requests]
-        digests = [[image_digest(i) for i in imgs] for imgs in images]
-        keys = [self.key(ids, d) for ids, d in zip(prompts, digests)]
+        loaded = [[load_image(image) for image in r.images] for r in requests]
+        sizes = [[(im.height, im.width) for im in ims] for ims in loaded]
+        prompts = [self.prompt_ids(r, sz) for r, sz in zip(requests, sizes)]
+        counts = [[self.processor.visual_tokens(size) for size in sz] for sz in sizes]
+        digests = [[image_digest(i) for i in ims] for ims in loaded]
+        keys = [self.key(ids, d, c) for ids, d, c in zip(prompts, digests, counts)]
         reuse = [self.reusable(key) for key in keys]  # (positions from the prefix cache, its entry)
-        # Every image not inside a reused prefix, each distinct one once, in one vision-tower call.
+        # Every image not inside a reused prefix, each distinct one once (every AnyRes
+        # crop of them), in one vision-tower call.
         todo = {}
-        for ids, (start, _), imgs, ds in zip(prompts, reuse, images, digests):
-            for image, d in list(zip(imgs, ds))[self.images_before(ids, start):]:
-                todo.setdefault(d, image)
+        for ids, (start, _), ims, ds, c in zip(prompts, reuse, loaded, digests, counts):
+            for image, d, n in list(zip(ims, ds, c))[self.images_before(ids, start, c):]:
+                todo.setdefault(d, (image, n))
         features = {}
         if todo:
-            encoded = self.model.encode_images(self.processor.preprocess(list(todo.values())))
-            features = dict(zip(todo, encoded))
+            encoded = self.model.encode_images(*self.processor.image_inputs([im for im, _ in todo.values()]))
+            if encoded.ndim == 3:  # (images, tokens, D)
+                features = dict(zip(todo, encoded))
+            else:  # AnyRes: (all tokens, D), each image's count in turn
+                first = 0
+                for d, (_, n) in todo.items():
+                    features[d], first = encoded[first:first + n], first + n
 
         def own(i, start):
-            mine = digests[i][self.images_before(prompts[i], start):]
-            return mx.stack([features[d] for d in mine]) if mine else None
+            mine = digests[i][self.images_before(prompts[i], start, counts[i]):]
+            return [features[d] for d in mine] if mine else None
 
         # Prompts that start afresh are prefilled together; those continuing a cached prefix one by one.
         caches = [None] * len(prompts)
@@ -302,17 +311,17 @@ class BatchGenerator:
             self.running[uid] = _Running(self.processor.tokenizer.detokenizer, len(ids), key=key)
         return uids
 
-    def key(self, ids: list, digests: list) -> list:
-        """`ids` with each visual token replaced by its image's digest (PrefixCache's key)."""
-        token, per = self.processor.image_token_index, self.processor.num_visual_tokens
-        key, image, inside = list(ids), -1, 0
+    def key(self, ids: list, digests: list, counts: list) -> list:
+        """`ids` with each visual token replaced by its image's digest (PrefixCache's
+        key); `counts`: each image's visual tokens (adjacent images make one run)."""
+        key, image, left = list(ids), -1, 0
         for i, t in enumerate(ids):
-            if t != token:
-                inside = 0
+            if t != self.processor.image_token_index:
                 continue
-            if inside % per == 0:  # adjacent images make one run, `per` tokens each
+            if left == 0:
                 image += 1
-            inside += 1
+                left = counts[image]
+            left -= 1
             key[i] = ("image", digests[image])
         return key
 
@@ -326,9 +335,14 @@ class BatchGenerator:
             n -= 1  # never into an image: its visual tokens are merged whole
         return (n, cached) if n > 0 else (0, None)
 
-    def images_before(self, ids: list, n: int) -> int:
+    def images_before(self, ids: list, n: int, counts: list) -> int:
         """How many images lie wholly inside ids[:n] (n is at an image boundary)."""
-        return sum(1 for t in ids[:n] if t == self.processor.image_token_index) // self.processor.num_visual_tokens
+        tokens = sum(1 for t in ids[:n] if t == self.processor.image_token_index)
+        done = 0
+        while done < len(counts) and tokens >= counts[done]:
+            tokens -= counts[done]
+            done += 1
+        return done
 
     def prefill_from(self, ids: list, features, cache: Optional[list] = None, start: int = 0) -> list:
         """A KV cache holding all of `ids` but the last, from the merged embeddings,
@@ -462,3 +476,4 @@ def batch_generate(model, processor, requests: Sequence[Request], batch_size: in
     for response in stream_batch(model, processor, requests, batch_size):
         texts[response.uid].append(response.text)
     return ["".join(t) for t in texts]
+

@@ -6,7 +6,7 @@ prompts exactly as the original LLaVA (haotian-liu/LLaVA) does
 (`Conversation.get_prompt`), tokenizes them as it does
 (`tokenizer_image_token`), and masks training targets with its rules
 (`preprocess_multimodal`, `preprocess_plain`, `preprocess_v1`,
-`preprocess_llama_2`). A conv mode of "chat_template" uses the tokenizer's own
+`preprocess_llama_2`, `preprocess_mpt`). A conv mode of "chat_template" uses the tokenizer's own
 jinja template instead (llava-hf and other converted models).
 """
 
@@ -284,7 +284,7 @@ def tokenize(tokenizer, text: str, image_token_index: int, num_visual_tokens: in
     The text between `<image>`s is tokenized piece by piece with the
     tokenizer's special tokens; the first piece keeps its BOS, the others lose
     their first token (their BOS); each `<image>` becomes `num_visual_tokens`
-    copies of `image_token_index`. So the ids do not depend on whether
+    copies of `image_token_index` (a list: the k-th image's count for the k-th). So the ids do not depend on whether
     `<image>` is in the vocabulary. One addition: a text that already starts
     with the BOS string (some chat templates write it) gets one BOS, not two,
     as mlx-lm does. (The original's templates never start with it.)
@@ -301,9 +301,11 @@ def _tokenizer_image_token(tokenizer, text, image_token_index, num_visual_tokens
     chunks = [list(tokenizer.encode(piece)) for piece in text.split(IMAGE_PLACEHOLDER)]
     bos = tokenizer.bos_token_id
     drop = 1 if bos is not None and chunks[0][:1] == [bos] else 0
+    counts = num_visual_tokens if isinstance(num_visual_tokens, (list, tuple)) else \
+        [num_visual_tokens] * (len(chunks) - 1)
     ids = chunks[0]
-    for chunk in chunks[1:]:
-        ids += [image_token_index] * num_visual_tokens + chunk[drop:]
+    for chunk, count in zip(chunks[1:], counts):
+        ids += [image_token_index] * count + chunk[drop:]
     return ids
 
 
@@ -349,9 +351,11 @@ def build_targets(tokenizer, conversation: list, conv_mode: str, image_token_ind
         template = get_template(conv_mode)
         if template.style == "plain":
             ids, labels = _plain_targets(tokenizer, template, turns)
+        elif template.style == "mpt":
+            ids, labels = _mpt_targets(tokenizer, template, turns)
         elif template.style not in ("two", "llama_2"):
-            raise LlavaError(f"training with the {conv_mode} template is not supported "
-                             "(llava_v1, vicuna_v1, plain, llava_llama_2, mistral_instruct or chat_template)")
+            raise LlavaError(f"training with the {conv_mode} template is not supported (llava_v1, vicuna_v1, "
+                             "plain, llava_llama_2, mistral_instruct, chatml_direct or chat_template)")
         else:
             ids, labels = _round_targets(tokenizer, template, turns)
 
@@ -423,6 +427,48 @@ def _round_targets(tokenizer, template: Template, turns: list) -> tuple:
     labels[cur:] = IGNORE_INDEX
     if cur != len(ids):
         logger.warning("tokenization mismatch: %d vs. %d; the sample is not trained", cur, len(ids))
+        labels[:] = IGNORE_INDEX
+    return ids, labels.tolist()
+
+
+def _mpt_targets(tokenizer, template: Template, turns: list) -> tuple:
+    """preprocess_mpt (chatml_direct, LLaVA-1.6-34b): split the prompt on sep
+    ("<|im_end|>"); the first round is the system, the first question and
+    its answer, each later one a question and its answer; split each on
+    sep + the assistant role; mask the instruction (its length less one),
+    learn the answer. The count starts at 0 (no BOS assumed); rounds after
+    the first gain one token for a `legacy` sentencepiece tokenizer. Each
+    round's closing sep is not counted, so the sum matches the prompt only
+    when the tokenizer's BOS stands in for it (else, as the original, the
+    sample is masked whole). The prompt's length leaves out padding tokens
+    (the original pads with <unk>)."""
+    t = template
+    prompt = _prompt(t, t.system, turns)
+    ids = _tokenizer_image_token(tokenizer, prompt, _IMAGE)
+    labels = np.array(ids)
+    pad = getattr(tokenizer, "unk_token_id", None)
+    total = sum(1 for i in ids if i != pad)
+    answer_sep = t.sep + t.roles[1]
+    shift = int(bool(getattr(tokenizer, "slow_legacy", None)))
+    rounds = prompt.split(t.sep)
+    rounds = [t.sep.join(rounds[:3])] + [t.sep.join(rounds[k:k + 2]) for k in range(3, len(rounds), 2)]
+    cur = 0
+    for i, rou in enumerate(rounds):
+        if rou == "":
+            break
+        parts = rou.split(answer_sep)
+        if len(parts) != 2:
+            break
+        round_len = len(_tokenizer_image_token(tokenizer, rou, _IMAGE))
+        instruction_len = len(_tokenizer_image_token(tokenizer, parts[0] + answer_sep, _IMAGE)) - 1
+        if i > 0:
+            round_len += shift
+            instruction_len += shift
+        labels[cur:cur + instruction_len] = IGNORE_INDEX
+        cur += round_len
+    labels[cur:] = IGNORE_INDEX
+    if cur != total:
+        logger.warning("tokenization mismatch: %d vs. %d; the sample is not trained", cur, total)
         labels[:] = IGNORE_INDEX
     return ids, labels.tolist()
 

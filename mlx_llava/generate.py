@@ -48,7 +48,7 @@ class Chat:
         pending = load_image(image) if image is not None else None
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
         self.images = []  # PIL images, in prompt order
-        self.features = []  # their visual tokens, computed once each
+        self.features = []  # their visual tokens, (T, D) each, computed once
         self.pending_image = pending
         self.cache = make_prompt_cache(self.model.language_model)
         self.tokens = []  # the token ids whose keys and values are in the cache
@@ -83,7 +83,8 @@ class Chat:
                 f"the conversation has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) "
                 f"but {len(images)} image(s)"
             )
-        ids = self.processor.encode(self.processor.prompt(messages, conv_mode=self.conv_mode))
+        sizes = [(im.height, im.width) for im in images]  # AnyRes counts visual tokens by size
+        ids = self.processor.encode(self.processor.prompt(messages, conv_mode=self.conv_mode), sizes)
         context = self.processor.context_length
         if len(ids) >= context:
             raise LlavaError(
@@ -97,10 +98,11 @@ class Chat:
         generated = []
         try:
             reused = self.reuse_cache(ids)
-            while len(self.features) < len(self.images):
-                pixels = self.processor.preprocess([self.images[len(self.features)]])
-                self.features.append(self.model.encode_images(pixels)[0])
-            features = mx.stack(self.features) if self.features else None
+            while len(self.features) < len(self.images):  # each image's visual tokens, (T, D), once
+                pixels, size = self.processor.image_inputs([self.images[len(self.features)]])
+                visual = self.model.encode_images(pixels, size)
+                self.features.append(visual[0] if visual.ndim == 3 else visual)
+            features = mx.concatenate(self.features) if self.features else None
             embeds = self.model.embed(mx.array([ids]), image_features=features)[0]
             for response in mlx_lm.stream_generate(
                 self.model.language_model,

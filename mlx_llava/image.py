@@ -5,8 +5,11 @@ value for value: PIL bicubic resize of the shortest edge, center crop,
 rescale to [0, 1], normalize with the CLIP mean and std. LLaVA-1.5
 (`image_aspect_ratio: "pad"`) first pads the image to a square filled with
 the mean colour (`expand2square`), so that nothing at the edges is cropped
-away. The output is channels-last (N, H, W, 3) because MLX convolutions are
-NHWC.
+away. LLaVA-1.6 (`"anyres"`, `anyres_crops`) makes several crops of one
+image: the whole image squashed to the crop size, then the crops of its
+resized and black-padded copy on the best grid pinpoint (see `anyres.py`),
+each through the CLIP steps. The output is channels-last (N, H, W, 3)
+because MLX convolutions are NHWC; with AnyRes N counts crops, image after image.
 
 `load_image` turns whatever a user hands us (a path, bytes, a URL, a PIL
 image) into an 8-bit RGB image the way a person would expect to see it:
@@ -30,7 +33,7 @@ from .errors import LlavaError
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-ASPECT_RATIOS = ("pad", "crop")
+ASPECT_RATIOS = ("pad", "crop", "anyres")
 
 
 @dataclass
@@ -53,6 +56,7 @@ class ImageConfig:
     do_normalize: bool = True
     image_aspect_ratio: str = "pad"  # "pad": LLaVA-1.5 expand2square; "crop": plain CLIP
     resize_size: tuple[int, int] | None = None  # (height, width)
+    grid_pinpoints: tuple | None = None  # anyres: ((height, width), ...)
 
     def __post_init__(self):
         self.crop_size = tuple(int(x) for x in self.crop_size)
@@ -67,17 +71,25 @@ class ImageConfig:
                 f"unsupported image_aspect_ratio {self.image_aspect_ratio!r} "
                 f"(expected one of {', '.join(ASPECT_RATIOS)})"
             )
+        if self.image_aspect_ratio == "anyres":
+            from .anyres import DEFAULT_PINPOINTS
+
+            if self.crop_size[0] != self.crop_size[1]:
+                raise LlavaError(f"anyres needs square crops, not {self.crop_size}")
+            self.grid_pinpoints = tuple(tuple(int(x) for x in p) for p in (self.grid_pinpoints or DEFAULT_PINPOINTS))
 
     @classmethod
     def from_preprocessor_config(
-        cls, d: dict, image_aspect_ratio: str | None = None
+        cls, d: dict, image_aspect_ratio: str | None = None, grid_pinpoints=None
     ) -> "ImageConfig":
         """Read a transformers preprocessor_config.json dict.
 
         Missing keys keep this class's defaults (CLIP ViT-L/14-336). Without an
         explicit `image_aspect_ratio`, `do_pad` (LlavaImageProcessor's flag
         for pad-to-square) decides. LLaVA's config.json may say "square" or
-        nothing for the plain CLIP path: both mean "crop".
+        nothing for the plain CLIP path: both mean "crop". For "anyres",
+        `grid_pinpoints` (height, width) are the model's; else the
+        preprocessor's own (LlavaNextImageProcessor writes them so too).
         """
         kw: dict[str, Any] = {}
         size = d.get("size")
@@ -103,6 +115,8 @@ class ImageConfig:
             image_aspect_ratio = "pad" if d.get("do_pad") else "crop"
         if image_aspect_ratio in ("square", ""):
             image_aspect_ratio = "crop"
+        if image_aspect_ratio == "anyres":
+            kw["grid_pinpoints"] = grid_pinpoints or d.get("image_grid_pinpoints")
         return cls(image_aspect_ratio=image_aspect_ratio, **kw)
 
     def to_preprocessor_config(self) -> dict:
@@ -118,8 +132,14 @@ class ImageConfig:
             size = {"height": self.resize_size[0], "width": self.resize_size[1]}
         else:
             size = {"shortest_edge": self.shortest_edge}
+        kind = "LlavaImageProcessor" if pad else "CLIPImageProcessor"
+        anyres = {}
+        if self.image_aspect_ratio == "anyres":  # LlavaNextImageProcessor's do_pad pads the crops' batch
+            kind, pad = "LlavaNextImageProcessor", True
+            anyres = {"image_grid_pinpoints": [list(p) for p in self.grid_pinpoints]}
         return {
-            "image_processor_type": "LlavaImageProcessor" if pad else "CLIPImageProcessor",
+            "image_processor_type": kind,
+            **anyres,
             "do_resize": self.do_resize,
             "size": size,
             "resample": self.resample,
@@ -263,15 +283,55 @@ def expand2square(image: Image.Image, background: tuple[int, int, int]) -> Image
 
 
 def preprocess(images, config: ImageConfig) -> np.ndarray:
-    """Sources (one, or a list) to float32 pixel values (N, H, W, 3)."""
+    """Sources (one, or a list) to float32 pixel values (N, H, W, 3); with
+    AnyRes, every image's crops one after another."""
+    return preprocess_with_sizes(images, config)[0]
+
+
+def preprocess_with_sizes(images, config: ImageConfig) -> tuple:
+    """-> (pixel values as `preprocess` gives them, [(height, width)] of the images)."""
     if not isinstance(images, (list, tuple)):
         images = [images]
     if not images:
         raise LlavaError("no images to preprocess")
-    arrays = [_preprocess_one(load_image(x), config) for x in images]
+    loaded = [load_image(x) for x in images]
+    sizes = [(im.height, im.width) for im in loaded]
+    if config.image_aspect_ratio == "anyres":
+        crops = [_preprocess_one(c, config) for im in loaded for c in anyres_crops(im, config)]
+        return np.stack(crops), sizes
+    arrays = [_preprocess_one(im, config) for im in loaded]
     if len({a.shape for a in arrays}) > 1:
         raise LlavaError("images preprocess to different sizes: enable center crop")
-    return np.stack(arrays)
+    return np.stack(arrays), sizes
+
+
+def anyres_crops(image: Image.Image, c: ImageConfig) -> list:
+    """LLaVA-1.6's crops of one image, as PIL images, before the CLIP steps:
+    the whole image resized to the base size (aspect not kept), then the
+    image resized to fit its best grid pinpoint (aspect kept, bicubic),
+    centred on black, cut into crop-sized tiles row by row."""
+    from .anyres import fit_size, select_best_resolution
+
+    crop = c.crop_size[0]
+    target_h, target_w = select_best_resolution((image.height, image.width), c.grid_pinpoints)
+    new_h, new_w = fit_size((image.height, image.width), (target_h, target_w))
+    canvas = Image.new("RGB", (target_w, target_h), (0, 0, 0))
+    canvas.paste(image.resize((new_w, new_h), resample=c.resample), ((target_w - new_w) // 2, (target_h - new_h) // 2))
+    tiles = [canvas.crop((x, y, x + crop, y + crop)) for y in range(0, target_h, crop) for x in range(0, target_w, crop)]
+    base_h, base_w = c.resize_size or (c.shortest_edge, c.shortest_edge)
+    return [image.resize((base_w, base_h), resample=c.resample)] + tiles
+
+
+def image_size(path) -> tuple:
+    """(height, width) that `load_image(path)` will give, read from the file's
+    header (EXIF rotation included) without decoding its pixels."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)
+    except Exception as e:
+        raise LlavaError(f"cannot read image {path}: {_reason(e)}") from e
+    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
 
 
 def _preprocess_one(image: Image.Image, c: ImageConfig) -> np.ndarray:

@@ -3,7 +3,8 @@
 It pairs the model's tokenizer (mlx-lm's wrapper, for streaming
 detokenization) with the image preprocessing and the conversation template,
 so that `processor(prompt, images)` gives llava-hf style inputs: each
-`<image>` expanded to the visual tokens it becomes.
+`<image>` expanded to the visual tokens it becomes. For LLaVA-1.6 (AnyRes)
+that number depends on the image's size, so `encode` takes the sizes.
 
 LLaVA v1 models trained with `mm_use_im_start_end` saw each image between
 `<im_start>` and `<im_end>` tokens; config.json says so, and `encode` then
@@ -19,7 +20,7 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from . import conversation
 from .errors import LlavaError
-from .image import ImageConfig, preprocess
+from .image import ImageConfig, preprocess_with_sizes
 from .models.llava import ModelArgs
 
 IM_START_END = ("<im_start>", "<im_end>")  # the original's DEFAULT_IM_START_TOKEN / DEFAULT_IM_END_TOKEN
@@ -46,7 +47,7 @@ def read_tokenizer(path: Path, eos_token_ids=None):
     return tokenizer
 
 
-def read_image_config(path: Path, image_size: int, image_aspect_ratio=None) -> ImageConfig:
+def read_image_config(path: Path, image_size: int, image_aspect_ratio=None, grid_pinpoints=None) -> ImageConfig:
     """preprocessor_config.json, checked against the vision tower's input size.
 
     Without the file, CLIP's preprocessing at the vision tower's own
@@ -57,7 +58,7 @@ def read_image_config(path: Path, image_size: int, image_aspect_ratio=None) -> I
     if not file.exists():
         return ImageConfig.from_preprocessor_config(
             {"size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size}},
-            image_aspect_ratio)
+            image_aspect_ratio, grid_pinpoints)
     try:
         pre = json.loads(file.read_text())
     except (ValueError, OSError) as e:
@@ -73,7 +74,7 @@ def read_image_config(path: Path, image_size: int, image_aspect_ratio=None) -> I
         if value is not None and not (len(value) == 3 and all(isinstance(v, (int, float)) for v in value)):
             raise LlavaError(f"{file}: {key} must be 3 numbers, not {value!r}")
     try:
-        image_config = ImageConfig.from_preprocessor_config(pre, image_aspect_ratio)
+        image_config = ImageConfig.from_preprocessor_config(pre, image_aspect_ratio, grid_pinpoints)
     except (KeyError, TypeError, ValueError) as e:
         raise LlavaError(f"{file}: unreadable ({type(e).__name__}: {e})") from None
     side = image_config.crop_size if image_config.do_center_crop else image_config.resize_size
@@ -87,14 +88,15 @@ def read_image_config(path: Path, image_size: int, image_aspect_ratio=None) -> I
 class Processor:
     def __init__(self, tokenizer, image_config: ImageConfig, image_token_index: int,
                  num_visual_tokens: int, conv_mode: str, context_length: int,
-                 image_wrap: Optional[tuple] = None, legacy: bool = True):
+                 image_wrap: Optional[tuple] = None, legacy: bool = True, anyres=None):
         self.tokenizer = tokenizer  # mlx-lm's wrapper: decoding, streaming, EOS ids
         # Prompt and target ids as the original's tokenizer makes them.
         self.encoder = conversation.OriginalTokenizer(tokenizer, legacy)
         self.image_wrap = image_wrap  # (before, after) each <image>, e.g. ("<im_start>", "<im_end>")
         self.image_config = image_config
         self.image_token_index = image_token_index
-        self.num_visual_tokens = num_visual_tokens
+        self.num_visual_tokens = num_visual_tokens  # per image; per crop with AnyRes
+        self.anyres = anyres  # LLaVA-1.6's geometry (anyres.AnyRes), or None
         self.conv_mode = conv_mode
         self.context_length = context_length
 
@@ -104,12 +106,14 @@ class Processor:
         tokenizer = read_tokenizer(path, config.get("text_config", {}).get("eos_token_id"))
         attach_chat_template(tokenizer, path)
         args = ModelArgs.from_dict(config)
+        anyres = args.anyres
         try:
             pre = json.loads((path / "preprocessor_config.json").read_text())
         except (OSError, ValueError):
             pre = {}  # none, or broken: read_image_config says which
         chosen = settings(config, pre if isinstance(pre, dict) else {}, has_chat_template(tokenizer))
-        image_config = read_image_config(path, args.vision_config["image_size"], chosen["image_aspect_ratio"])
+        image_config = read_image_config(path, args.vision_config["image_size"], chosen["image_aspect_ratio"],
+                                         anyres.pinpoints if anyres else None)
         return cls(
             tokenizer,
             image_config,
@@ -119,6 +123,7 @@ class Processor:
             args.text_config.get("max_position_embeddings") or 4096,
             IM_START_END if config.get("mm_use_im_start_end") else None,
             legacy=tokenizer_legacy(path),
+            anyres=anyres,
         )
 
     @property
@@ -133,21 +138,45 @@ class Processor:
             add_generation_prompt=add_generation_prompt,
         )
 
-    def encode(self, prompt: str) -> list:
-        """Token ids as the original LLaVA makes them, `<image>` expanded to visual tokens."""
+    def visual_tokens(self, image_size=None) -> int:
+        """Visual tokens an image of `image_size` (height, width) becomes; the
+        size matters only with AnyRes."""
+        if self.anyres is None:
+            return self.num_visual_tokens
+        if image_size is None:
+            raise LlavaError("an anyres model's visual token count depends on the image: give its size")
+        return self.anyres.num_tokens(tuple(image_size))
+
+    def encode(self, prompt: str, image_sizes=None) -> list:
+        """Token ids as the original LLaVA makes them, `<image>` expanded to
+        visual tokens: the k-th to the count of the k-th image's size
+        (height, width) with AnyRes, else to `num_visual_tokens` each."""
+        placeholder = conversation.IMAGE_PLACEHOLDER
+        counts = self.num_visual_tokens
+        if self.anyres is not None and placeholder in prompt:
+            n = prompt.count(placeholder)
+            if image_sizes is None or len(image_sizes) != n:
+                raise LlavaError(f"the prompt has {n} {placeholder} placeholder(s) but "
+                                 f"{0 if image_sizes is None else len(image_sizes)} image size(s) were given")
+            counts = [self.visual_tokens(size) for size in image_sizes]
         if self.image_wrap:
             before, after = self.image_wrap
-            placeholder = conversation.IMAGE_PLACEHOLDER
             prompt = prompt.replace(placeholder, before + placeholder + after)
-        return conversation.tokenize(
-            self.encoder, prompt, self.image_token_index, self.num_visual_tokens
-        )
+        return conversation.tokenize(self.encoder, prompt, self.image_token_index, counts)
 
     def preprocess(self, images) -> mx.array:
-        return mx.array(preprocess(images, self.image_config))
+        """Pixel values (N, H, W, 3); with AnyRes, each image's crops in turn."""
+        return self.image_inputs(images)[0]
+
+    def image_inputs(self, images) -> tuple:
+        """-> (pixel values as `preprocess` gives them, [(height, width)] of the images)."""
+        pixels, sizes = preprocess_with_sizes(images, self.image_config)
+        return mx.array(pixels), sizes
 
     def __call__(self, prompt: str, images=None) -> dict:
-        """llava-hf style inputs: {"input_ids": (1, L), "pixel_values": (N, H, W, 3) or None}."""
+        """llava-hf style inputs: {"input_ids": (1, L), "pixel_values": (N, H, W, 3)
+        or None, "image_sizes": [(height, width)] or None}. With AnyRes the
+        pixel values are every image's crops, one image after another."""
         images = [] if images is None else images if isinstance(images, (list, tuple)) else [images]
         n = prompt.count(conversation.IMAGE_PLACEHOLDER)
         if n != len(images):
@@ -155,10 +184,8 @@ class Processor:
                 f"the prompt has {n} {conversation.IMAGE_PLACEHOLDER} placeholder(s) "
                 f"but {len(images)} image(s) were given"
             )
-        return {
-            "input_ids": mx.array([self.encode(prompt)]),
-            "pixel_values": self.preprocess(images) if images else None,
-        }
+        pixels, sizes = self.image_inputs(images) if images else (None, None)
+        return {"input_ids": mx.array([self.encode(prompt, sizes)]), "pixel_values": pixels, "image_sizes": sizes}
 
     def decode(self, tokens) -> str:
         return self.tokenizer.decode(list(tokens))
@@ -187,10 +214,12 @@ def settings(config: dict, preprocessor: Optional[dict], chat_template: bool,
     gets the template the original's CLI picks from that name; any other
     model its tokenizer's own chat template when it has one (xtuner's
     llava-llama-3, llava-phi-3: a prompt format of their own), else llava_v1.
-    Images are padded to squares where the config says so, else where the
-    preprocessor does (`do_pad`), else for LLaVA-1.5-shaped models (CLIP at
-    336 px + the MLP projector: LLaVA-1.5 and the models trained with its
-    recipe all pad); anything else is center-cropped as CLIP does.
+    Images are handled as the config says ("pad", "crop"/"square", LLaVA-1.6's
+    "anyres"); a llava-hf `llava_next` model is anyres; else images are
+    padded to squares where the preprocessor does (`do_pad`), else for
+    LLaVA-1.5-shaped models (CLIP at 336 px + the MLP projector: LLaVA-1.5
+    and the models trained with its recipe all pad); anything else is
+    center-cropped as CLIP does.
     """
     pre = preprocessor or {}
     conv_mode, why = config.get("conv_mode"), "from config.json"
@@ -203,6 +232,8 @@ def settings(config: dict, preprocessor: Optional[dict], chat_template: bool,
     aspect = config.get("image_aspect_ratio")
     if aspect in ("square", ""):
         aspect = "crop"
+    if aspect is None and config.get("model_type") == "llava_next":
+        aspect = "anyres"
     if aspect is None and isinstance(pre.get("do_pad"), bool):
         aspect = "pad" if pre["do_pad"] else "crop"
     if aspect is None:

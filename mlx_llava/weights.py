@@ -162,7 +162,7 @@ def load_weights(path: Path) -> dict:
 
 
 def check_llava(config: dict):
-    if config.get("model_type", "llava") not in ("llava", "llava_llama", "llava_mistral"):
+    if config.get("model_type", "llava") not in ("llava", "llava_llama", "llava_mistral", "llava_next"):
         raise LlavaError(f"unknown architecture {config.get('model_type')!r}: not a LLaVA model")
     if "text_config" not in config:
         raise LlavaError("config.json has no text_config: not a llava-hf style LLaVA directory")

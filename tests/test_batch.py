@@ -77,7 +77,7 @@ def test_one_vision_tower_call_per_insert(loaded, pictures):
     model, processor = loaded
     calls = []
     encode = model.encode_images
-    model.encode_images = lambda pixels: calls.append(pixels.shape[0]) or encode(pixels)
+    model.encode_images = lambda pixels, *sizes: calls.append(pixels.shape[0]) or encode(pixels, *sizes)
     try:
         batch_generate(model, processor, [Request.ask(q, image=i, max_tokens=3) for q, i in zip(QUESTIONS, pictures)],
                        batch_size=6)

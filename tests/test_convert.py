@@ -105,8 +105,8 @@ def original_config(ref, vision_tower, projector_type="mlp2x_gelu", **mm) -> dic
 
 
 def write_original(ref, folder, tokenizer_dir, vision_tower, kind="bin", shards=2, projector_type="mlp2x_gelu",
-                   with_vision=False, **mm):
-    state = {**lm_state(ref), **projector_state(ref, projector_type)}
+                   with_vision=False, extra=None, **mm):
+    state = {**lm_state(ref), **projector_state(ref, projector_type), **(extra or {})}
     state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(TEXT["hidden_size"] // 8)  # old buffers
     if with_vision:
         state.update({"model.vision_tower.vision_tower.vision_model." + k: v

@@ -43,7 +43,7 @@ def test_second_turn_reuses_the_cache_exactly(loaded, picture):
     chat = Chat(model, processor, image=picture)
     calls = []
     encode = model.encode_images
-    model.encode_images = lambda pixels: calls.append(pixels.shape) or encode(pixels)
+    model.encode_images = lambda pixels, *sizes: calls.append(pixels.shape) or encode(pixels, *sizes)
     try:
         list(chat.ask("What is in the image?", max_tokens=6))
         first_prompt = processor.encode(processor.prompt(chat.messages[:1]))

@@ -272,8 +272,8 @@ def test_config_reads_transformers(tmp_path):
 
 
 def test_config_rejects_unknown_aspect_ratio():
-    with pytest.raises(LlavaError, match="anyres"):
-        ImageConfig(image_aspect_ratio="anyres")
+    with pytest.raises(LlavaError, match="tiles"):
+        ImageConfig(image_aspect_ratio="tiles")
 
 
 # ------------------------------------------------------------ load + errors

@@ -45,18 +45,28 @@ def source_folder(tokenizer_dir, root: Path, legacy):
     return folder
 
 
-@pytest.fixture(scope="module", params=[True, False, None], ids=["legacy", "non-legacy", "legacy-unset"])
-def pair(request, tokenizer_dir, tmp_path_factory):
-    """(our processor on a converted tokenizer, the original's slow tokenizer)."""
-    root = tmp_path_factory.mktemp("tok")
-    source = source_folder(tokenizer_dir, root, request.param)
+def make_pair(tokenizer_dir, root, legacy, added=()):
+    """(our processor on a converted tokenizer, the original's slow tokenizer);
+    `added`: special tokens the source tokenizer has (Yi's ChatML markers)."""
+    source = source_folder(tokenizer_dir, root, legacy)
     out = root / "converted"
     out.mkdir()
-    files.save_tokenizer(files.load_tokenizer(source, []), out, source)
+    files.save_tokenizer(files.load_tokenizer(source, list(added)), out, source)
     processor = Processor.from_dir(out, CONFIG)
-    legacy = True if request.param is None else request.param  # transformers 4's default
-    slow = ref.SlowLlamaTokenizer(source / "tokenizer.model", legacy)
+    legacy = True if legacy is None else legacy  # transformers 4's default
+    slow = ref.SlowLlamaTokenizer(source / "tokenizer.model", legacy, added)
     return processor, slow
+
+
+@pytest.fixture(scope="module", params=[True, False, None], ids=["legacy", "non-legacy", "legacy-unset"])
+def pair(request, tokenizer_dir, tmp_path_factory):
+    return make_pair(tokenizer_dir, tmp_path_factory.mktemp("tok"), request.param)
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["legacy", "non-legacy"])
+def chatml_pair(request, tokenizer_dir, tmp_path_factory):
+    """As LLaVA-1.6-34b's Yi tokenizer: <|im_start|> and <|im_end|> are special tokens."""
+    return make_pair(tokenizer_dir, tmp_path_factory.mktemp("chatml"), request.param, ("<|im_start|>", "<|im_end|>"))
 
 
 def test_converted_tokenizer_keeps_legacy(pair, tmp_path):
@@ -113,6 +123,9 @@ def original_targets(mode, turns, slow):
     if mode in ("llava_v1", "vicuna_v1"):
         system = HUMAN_SYSTEM if mode == "llava_v1" else USER_SYSTEM
         return ref.preprocess_v1(ref.prompt_two(system, values), slow, has_image)
+    if mode == "chatml_direct":
+        return ref.preprocess_mpt(ref.prompt_mpt("<|im_start|>system\nAnswer the questions.", values), slow,
+                                  has_image)
     system = LLAMA_2_SYSTEM if mode == "llava_llama_2" else ""
     sep = "<s>" if mode == "llava_llama_2" else ""
     return ref.preprocess_llama_2(ref.prompt_llama_2(system, values, sep), slow, has_image)
@@ -129,6 +142,21 @@ def test_targets(pair, mode, name):
     assert ids == want_ids
     assert labels == want_labels
     assert any(label != ref.IGNORE_INDEX for label in labels)  # a sample that trains
+
+
+@pytest.mark.parametrize("name", CONVERSATIONS)
+def test_chatml_direct_targets(chatml_pair, name):
+    """LLaVA-1.6-34b's template trains by preprocess_mpt's rules, token for
+    token. Where its round lengths do not add up to the prompt's (the
+    three-round text-only sample; with the non-legacy tokenizer, others too)
+    the original masks the whole sample, and so do we."""
+    processor, slow = chatml_pair
+    turns = CONVERSATIONS[name]
+    conversation = [{"from": f, "value": v} for q, a in turns for f, v in (("human", q), ("gpt", a))]
+    ids, labels = build_targets(processor.encoder, conversation, "chatml_direct", ref.IMAGE_INDEX)
+    assert (ids, labels) == original_targets("chatml_direct", turns, slow)
+    if slow.legacy and name != "text only":  # these add up: a sample that trains
+        assert any(label != ref.IGNORE_INDEX for label in labels)
 
 
 @pytest.mark.parametrize("caption", ["There are two shapes.", "  Two leading spaces.", " One.", "1234 objects"])

@@ -9,7 +9,6 @@ import base64
 import http.server
 import io
 import json
-import os
 import signal
 import subprocess
 import sys

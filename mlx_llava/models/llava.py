@@ -3,7 +3,14 @@
 The language model is mlx-lm's, chosen by `text_config.model_type` through
 mlx-lm's own registry. Parameter names follow llava-hf / mlx-vlm:
 `vision_tower.vision_model.*`, `multi_modal_projector.*`,
-`language_model.model.*`, `language_model.lm_head.*`.
+`language_model.model.*`, `language_model.lm_head.*`, and LLaVA-1.6's
+`image_newline`.
+
+LLaVA-1.6 (`image_aspect_ratio: "anyres"`, llava-hf's `llava_next`): each
+image is several crops, encoded in one batch; their projected features are
+laid out by the gather `anyres.py` describes (base image, then the grid
+unpadded, a newline after each row), so each image gives its own number of
+visual tokens.
 """
 
 import importlib
@@ -15,6 +22,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs
 from mlx_lm.utils import MODEL_ARCHITECTURE_REMAPPING, MODEL_REMAPPING
 
+from .. import anyres as anyres_rules
 from ..errors import LlavaError
 from .clip import VisionConfig, VisionTower, vision_config_with_defaults
 from .projector import Projector
@@ -99,6 +107,9 @@ def llava_config(config: dict) -> dict:
     config["text_config"] = text_config_with_defaults(config.get("text_config") or {})
     vision = config.get("vision_config") or {"model_type": "clip_vision_model", **LLAVA_VISION}
     config["vision_config"] = vision_config_with_defaults(vision)
+    if config.get("model_type") == "llava_next":
+        # llava-hf's LLaVA-1.6: AnyRes with spatial_unpad, transformers' rules.
+        config.setdefault("image_aspect_ratio", "anyres")
     return config
 
 
@@ -113,6 +124,11 @@ class ModelArgs(BaseModelArgs):
     projector_type: str = "mlp2x_gelu"
     projector_hidden_act: str = "gelu"
     multimodal_projector_bias: bool = True
+    # LLaVA-1.6 (anyres): see anyres.py
+    image_aspect_ratio: Optional[str] = None
+    image_grid_pinpoints: Optional[Union[list, str]] = None  # (height, width) pairs
+    mm_patch_merge_type: Optional[str] = None
+    unpad_rounding: Optional[str] = None  # "round" (transformers) or "truncate" (the original)
 
     def __post_init__(self):
         complete = llava_config({"text_config": self.text_config, "vision_config": self.vision_config})
@@ -129,9 +145,20 @@ class ModelArgs(BaseModelArgs):
 
     @property
     def num_visual_tokens(self) -> int:
-        """Visual tokens one image becomes (576 for CLIP ViT-L/14 at 336 px)."""
+        """Visual tokens one image (or one AnyRes crop) becomes (576 for CLIP ViT-L/14 at 336 px)."""
         n = VisionConfig.from_dict(self.vision_config).num_patches
         return n if self.vision_feature_select_strategy == "default" else n + 1
+
+    @property
+    def anyres(self) -> Optional[anyres_rules.AnyRes]:
+        """LLaVA-1.6's settings, or None for a model that sees each image once."""
+        rules = anyres_rules.from_config(
+            {"image_aspect_ratio": self.image_aspect_ratio, "image_grid_pinpoints": self.image_grid_pinpoints,
+             "mm_patch_merge_type": self.mm_patch_merge_type, "unpad_rounding": self.unpad_rounding},
+            self.vision_config)
+        if rules is not None and self.vision_feature_select_strategy != "default":
+            raise LlavaError("anyres lays out patch features only: vision_feature_select_strategy must be 'default'")
+        return rules
 
 
 def language_model_classes(text_config: dict):
@@ -153,19 +180,30 @@ def language_model_classes(text_config: dict):
 
 def merge_visual_tokens(embeds, input_ids, features, image_token_index, check: bool = True):
     """Put visual tokens where the image token stands, in reading order over
-    the batch: image k fills the k-th run of image tokens. `check` compares
-    the counts first (a host sync; a compiled training step has checked its
-    data already and passes False)."""
+    the batch: image k fills the k-th run of image tokens. `features` are
+    (images, tokens, D), or each image's (tokens, D) in a list or
+    concatenated (images of different token counts, as with AnyRes).
+    `check` compares the counts first (a host sync; a compiled training step
+    has checked its data already and passes False)."""
     is_image = input_ids == image_token_index
-    n_images, per_image, dims = features.shape if features is not None else (0, 0, 0)
+    images = "the image(s)"
+    if isinstance(features, (list, tuple)):
+        images = f"{len(features)} image(s)"
+        features = mx.concatenate([f.reshape(-1, f.shape[-1]) for f in features]) if features else None
+    if features is None:
+        images = "0 image(s)"
+    dims = features.shape[-1] if features is not None else 0
+    n_visual = features.size // dims if features is not None and dims else 0
     if check:
         n_tokens = is_image.sum().item()
-        if n_tokens != n_images * per_image:
+        if n_tokens != n_visual:
+            per_image = ""
+            if features is not None and features.ndim == 3:
+                images, per_image = f"{features.shape[0]} image(s)", f" ({features.shape[1]} per image)"
             raise LlavaError(
-                f"the prompt has {n_tokens} image tokens but {n_images} image(s) give "
-                f"{n_images * per_image} visual tokens ({per_image} per image)"
+                f"the prompt has {n_tokens} image tokens but {images} give {n_visual} visual tokens{per_image}"
             )
-    if n_images == 0:
+    if n_visual == 0:
         return embeds
     flat = features.reshape(-1, dims).astype(embeds.dtype)
     index = mx.maximum(mx.cumsum(is_image.reshape(-1).astype(mx.int32)) - 1, 0)
@@ -182,6 +220,9 @@ class Model(nn.Module):
             raise LlavaError(f"unsupported vision tower {vision.model_type!r} (CLIP only)")
         model_class, args_class = language_model_classes(args.text_config)
         text = args_class.from_dict(args.text_config)
+        self.anyres = args.anyres
+        if self.anyres is not None and self.anyres.newline:
+            self.image_newline = mx.zeros((args.text_config["hidden_size"],))
         self.vision_tower = VisionTower(vision)
         try:
             self.language_model = model_class(text)
@@ -212,21 +253,43 @@ class Model(nn.Module):
             )
         return mx.concatenate(states, axis=-1)
 
-    def encode_images(self, pixel_values: mx.array) -> mx.array:
-        """(N, H, W, 3) pixels -> (N, T, D) visual tokens in the language model's space."""
-        return self.multi_modal_projector(self.vision_features(pixel_values))
+    def encode_images(self, pixel_values: mx.array, image_sizes=None) -> mx.array:
+        """(N, H, W, 3) pixels -> (N, T, D) visual tokens in the language model's
+        space. AnyRes: the crops of images of `image_sizes` ((height, width)
+        each), one image's after another, -> their visual tokens, (total, D)."""
+        projected = self.multi_modal_projector(self.vision_features(pixel_values))
+        if self.anyres is None:
+            return projected
+        if image_sizes is None:
+            raise LlavaError("an anyres model needs each image's size (image_sizes) to lay out its crops")
+        sizes = [tuple(int(x) for x in s) for s in (image_sizes.tolist() if hasattr(image_sizes, "tolist") else image_sizes)]
+        crops = sum(self.anyres.crops(s) for s in sizes)
+        if crops != projected.shape[0]:
+            raise LlavaError(f"{len(sizes)} image(s) of sizes {sizes} have {crops} crops, but {projected.shape[0]} were given")
+        return self.lay_out(projected, mx.array(self.anyres.batch_index(sizes)))
 
-    def embed(self, input_ids, pixel_values=None, image_features=None, check: bool = True) -> mx.array:
+    def lay_out(self, projected: mx.array, index: mx.array) -> mx.array:
+        """AnyRes: the crops' projected features (crops, T, D) -> visual tokens
+        (len(index), D) by `anyres.token_index`'s gather; NEWLINE rows take
+        `image_newline`."""
+        table = projected.reshape(-1, projected.shape[-1])
+        if "image_newline" in self:
+            table = mx.concatenate([table, self.image_newline[None].astype(table.dtype)])
+        return table[mx.where(index < 0, table.shape[0] - 1, index)]
+
+    def embed(self, input_ids, pixel_values=None, image_features=None, check: bool = True,
+              image_sizes=None) -> mx.array:
         """Word embeddings with each image's visual tokens spliced in."""
         is_image = input_ids == self.args.image_token_index
         # The image token may lie outside the vocabulary (original checkpoints).
         embeds = self.language_model.model.embed_tokens(mx.where(is_image, 0, input_ids))
         if image_features is None and pixel_values is not None:
-            image_features = self.encode_images(pixel_values)
+            image_features = self.encode_images(pixel_values, image_sizes)
         return merge_visual_tokens(embeds, input_ids, image_features, self.args.image_token_index, check)
 
-    def __call__(self, input_ids: mx.array, pixel_values: Optional[mx.array] = None, cache=None):
-        embeds = self.embed(input_ids, pixel_values)
+    def __call__(self, input_ids: mx.array, pixel_values: Optional[mx.array] = None, cache=None,
+                 image_sizes=None):
+        embeds = self.embed(input_ids, pixel_values, image_sizes=image_sizes)
         return self.language_model(input_ids, cache=cache, input_embeddings=embeds)
 
     def sanitize(self, weights: dict) -> dict:
@@ -252,6 +315,8 @@ class Model(nn.Module):
 
 def rename(key: str) -> str:
     """One weight name, as llava-hf (transformers 4 or 5) or mlx-vlm wrote it, in our layout."""
+    if key == "model.image_newline":
+        return "image_newline"
     if key.startswith("model.language_model."):
         return "language_model.model." + key[len("model.language_model."):]
     if key.startswith("lm_head."):

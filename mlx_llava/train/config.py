@@ -20,7 +20,8 @@ OPTIMIZERS = ("adamw", "muon")
 QLORA_BITS = (2, 3, 4, 5, 6, 8)
 # The smallest value each numeric option takes ("above": strictly more).
 AT_LEAST = dict(batch_size=1, grad_accum=1, iters=1, save_every=1, keep=1, eval_every=1, lora_rank=1,
-                max_length=1, seed=0, projector_lr=0, weight_decay=0, max_grad_norm=0, warmup_ratio=0,
+                max_length=1, seed=0, projector_lr=0, vision_tower_lr=0,
+               weight_decay=0, max_grad_norm=0, warmup_ratio=0,
                 lora_dropout=0)
 ABOVE = dict(learning_rate=0, muon_lr=0, epochs=0, lora_alpha=0)
 BELOW = dict(warmup_ratio=1, lora_dropout=1, seed=2**32)  # strictly less
@@ -106,6 +107,7 @@ class TrainConfig:
     # optimisation
     learning_rate: Optional[float] = None
     projector_lr: Optional[float] = None
+    vision_tower_lr: Optional[float] = None  # stage 2: the vision tower learns too, at this rate (LLaVA-1.6: 2e-6)
     batch_size: Optional[int] = None  # the global batch: samples per optimizer step, over all processes
     grad_accum: Optional[int] = None  # micro-batches per step on each process (default: micro-batches of <= 8)
     epochs: float = 1.0
@@ -153,6 +155,11 @@ class TrainConfig:
             self.batch_size = stage.batch_size
         if self.eval_every and not self.val_data:
             raise LlavaError("--eval-every needs --val-data")
+        if self.vision_tower_lr is not None and self.stage != 2:
+            raise LlavaError("--vision-tower-lr is for stage 2 (stage 1 trains the projector only)")
+        if self.vision_tower_lr is not None and self.cache_features:
+            raise LlavaError("--cache-features needs a frozen vision tower: its features change as it trains "
+                             "with --vision-tower-lr")
         self.check_values()
 
     def check_types(self):

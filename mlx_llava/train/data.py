@@ -9,12 +9,13 @@ skipped and counted, never fatal.
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional, Union
 
 import numpy as np
 
 from ..conversation import IGNORE_INDEX, IMAGE_PLACEHOLDER, build_targets
 from ..errors import LlavaError
+from ..image import image_size
 
 
 @dataclass
@@ -23,6 +24,7 @@ class Example:
     input_ids: List[int]
     labels: List[int]
     image: Optional[Path]
+    image_size: Optional[tuple] = None  # (height, width), from the header, when the count depends on it
 
 
 @dataclass
@@ -112,9 +114,13 @@ class MemoTokenizer:
         return getattr(self._tokenizer, name)
 
 
-def prepare(path, tokenizer, conv_mode: str, image_token_index: int, num_visual_tokens: int,
+def prepare(path, tokenizer, conv_mode: str, image_token_index: int,
+            num_visual_tokens: Union[int, Callable[[tuple], int]],
             image_folder=None, max_length: int = 2048, image_wrap=None) -> Dataset:
-    """Tokenize every usable record; skip (and count) the rest."""
+    """Tokenize every usable record; skip (and count) the rest.
+
+    `num_visual_tokens`: per image, or (AnyRes) a function of the image's
+    (height, width), which is then read from the file's header alone."""
     records, skipped = read_records(path)
     tokenizer = MemoTokenizer(tokenizer)
     folder = Path(image_folder) if image_folder else Path(path).parent
@@ -143,9 +149,12 @@ def prepare(path, tokenizer, conv_mode: str, image_token_index: int, num_visual_
         if image is None:
             for t in turns:
                 t["value"] = t["value"].replace(IMAGE_PLACEHOLDER, "").strip()
+        size, count = None, num_visual_tokens if image else 1
         try:
-            ids, labels = build_targets(tokenizer, turns, conv_mode, image_token_index,
-                                        num_visual_tokens if image else 1, image_wrap)
+            if image is not None and callable(num_visual_tokens):
+                size = image_size(image)
+                count = num_visual_tokens(size)
+            ids, labels = build_targets(tokenizer, turns, conv_mode, image_token_index, count, image_wrap)
         except LlavaError as e:
             out.skipped.append((rid, str(e)))
             continue
@@ -159,7 +168,7 @@ def prepare(path, tokenizer, conv_mode: str, image_token_index: int, num_visual_
         if all(l == IGNORE_INDEX for l in labels[1:]):
             out.skipped.append((rid, "no answer tokens left to learn"))
             continue
-        out.examples.append(Example(rid, ids, labels, image))
+        out.examples.append(Example(rid, ids, labels, image, size))
     return out
 
 

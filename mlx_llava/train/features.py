@@ -1,6 +1,7 @@
 """Vision features, computed once per image and cached on disk.
 
-The vision tower is frozen in both stages, so its output for an image never
+The vision tower is frozen in both stages (unless `--vision-tower-lr`
+trains it, and then no cache is kept), so its output for an image never
 changes during training: stage 1 in particular then costs only the projector
 and the language model. Entries are keyed by the image file (path, size,
 mtime), the preprocessing and a fingerprint of the vision tower's weights, so
@@ -58,7 +59,8 @@ class FeatureCache:
 
 
 def image_features(model, processor, path, features=None):
-    """The frozen vision tower's features for one image (from the cache when there is one)."""
+    """The frozen vision tower's features for one image (from the cache when
+    there is one): (T, C), or with AnyRes its crops' (crops, T, C)."""
     if features is not None:
         cached = features.get(path)
         if cached is not None:
@@ -67,7 +69,8 @@ def image_features(model, processor, path, features=None):
         pixels = processor.preprocess([load_image(path)])
     except LlavaError:
         return None
-    f = model.vision_features(pixels)[0]
+    f = model.vision_features(pixels)
+    f = f if processor.anyres is not None else f[0]
     if features is not None:
         mx.eval(f)
         features.put(path, f)

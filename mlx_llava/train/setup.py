@@ -58,9 +58,12 @@ def setup(cfg: TrainConfig, say=print) -> Run:
     lora = setup_trainable(model, cfg)
     conv_mode = STAGES[cfg.stage].template or cfg.conv_mode or processor.train_conv_mode
 
+    # AnyRes: each image's visual tokens depend on its size, read from its header
+    count = processor.visual_tokens if processor.anyres is not None else processor.num_visual_tokens
+
     def load_data(path):
         return prepare(path, processor.encoder, conv_mode, processor.image_token_index,
-                       processor.num_visual_tokens, cfg.image_folder, cfg.max_length, processor.image_wrap)
+                       count, cfg.image_folder, cfg.max_length, processor.image_wrap)
 
     data = load_data(cfg.data)
     val = load_data(cfg.val_data) if cfg.val_data else None
@@ -193,6 +196,10 @@ def setup_trainable(model, cfg: TrainConfig):
     elif cfg.method == "full":
         model.language_model.unfreeze()
     model.multi_modal_projector.unfreeze()
+    if "image_newline" in model:  # LLaVA-1.6's learned row end learns with the projector
+        model.unfreeze(keys=["image_newline"], recurse=False)
+    if cfg.vision_tower_lr is not None:
+        model.vision_tower.unfreeze()
     if cfg.grad_checkpoint:
         from mlx_lm.tuner.trainer import grad_checkpoint
 
@@ -209,7 +216,8 @@ def trainable_count(model) -> int:
 
 def make_optimizer(cfg: TrainConfig, total: int):
     """AdamW, cosine with linear warmup (as transformers' Trainer schedules it);
-    the projector in a group of its own when its learning rate differs. With
+    the projector (with LLaVA-1.6's image_newline) in a group of its own when
+    its learning rate differs, the vision tower in its own when it trains. With
     `optimizer="muon"`, Muon updates the weight matrices (every 2-D weight but
     the embeddings and the head, as its authors advise; the projector's too,
     so `projector_lr` then sets only its biases) at `muon_lr`."""
@@ -228,9 +236,12 @@ def make_optimizer(cfg: TrainConfig, total: int):
     if cfg.optimizer == "muon":
         groups.append(optim.Muon(learning_rate=schedule(cfg.muon_lr), weight_decay=cfg.weight_decay))
         filters.append(is_matrix)
+    if cfg.vision_tower_lr is not None:
+        groups.append(adamw(cfg.vision_tower_lr))
+        filters.append(lambda path, _: path.startswith("vision_tower."))
     if cfg.projector_lr != cfg.learning_rate:
         groups.append(adamw(cfg.projector_lr))
-        filters.append(lambda path, _: path.startswith("multi_modal_projector"))
+        filters.append(lambda path, _: path.startswith("multi_modal_projector") or path == "image_newline")
     if not groups:
         return adamw(cfg.learning_rate)
     return optim.MultiOptimizer(groups + [adamw(cfg.learning_rate)], filters)

@@ -24,6 +24,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from ..conversation import IGNORE_INDEX
+from ..errors import LlavaError
+from ..image import load_image
 from . import checkpoint
 from .config import TrainConfig
 from .data import Dataset, epoch_batches, pad, skip_summary
@@ -32,7 +34,8 @@ from .monitor import ProgressBar, plot_loss
 from .setup import Run, current_lr, resume_settings, setup, trainable_count
 
 WIDTH_STEP = 32  # batches are padded to a multiple of this many tokens
-TARGET_STEP = 64  # and their target positions to a multiple of this many
+TARGET_STEP = 64  # and their target positions (and AnyRes token layouts) to a multiple of this many
+CROP_STEP = 4  # AnyRes: a micro-batch's crops, to a multiple of this many
 
 
 def train(config: TrainConfig = None, on_step=None, **kwargs) -> dict:
@@ -96,7 +99,7 @@ def loop(run: Run, lead: bool, on_step=None) -> list:
             read = 0  # every token the language model reads on this process, visual ones included
             for ids in batches[index][rank * run.accum:(rank + 1) * run.accum]:
                 read += sum(lengths[i] for i in ids)
-                batch = make_batch(model, run.processor, run.data, ids, run.features)
+                batch = make_batch(model, run.processor, run.data, ids, run.features, cfg.vision_tower_lr is not None)
                 if batch is None:
                     continue
                 (l, n), g = micro_step(*batch)
@@ -124,7 +127,8 @@ def loop(run: Run, lead: bool, on_step=None) -> list:
                       "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3)}
             if run.val is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 model.eval()
-                record["val_loss"] = round(evaluate(model, run.processor, run.val, run.micro, run.features), 6)
+                record["val_loss"] = round(evaluate(model, run.processor, run.val, run.micro, run.features,
+                                                    cfg.vision_tower_lr is not None), 6)
                 model.train()
             if log:
                 log.write(json.dumps(record) + "\n")
@@ -149,16 +153,24 @@ def loop(run: Run, lead: bool, on_step=None) -> list:
 # ---------------------------------------------------------------- the step
 
 
-def loss_fn(model, input_ids, positions, targets, weights, vision_features):
+def loss_fn(model, input_ids, positions, targets, weights, vision, layout):
     """(sum of token cross-entropies over the targets, number of targets).
 
     `positions` index the flattened (batch x length) hidden states that
     predict `targets`; padding positions have weight 0. Logits are computed
     there only: the vocabulary projection and its softmax are the costliest
     part of a small model's step, and most tokens (system prompt, questions,
-    image) have no target.
+    image) have no target. `vision` is the frozen vision tower's features
+    (images or crops, T, C), or pixels (N, H, W, 3) when it trains; with
+    AnyRes, `layout` is the token index (`anyres.py`) that lays the crops'
+    projected features out as visual tokens (empty otherwise).
     """
-    visual = model.multi_modal_projector(vision_features) if vision_features.shape[0] else None
+    visual = None
+    if vision.shape[0]:
+        features = model.vision_features(vision) if vision.ndim == 4 else vision
+        visual = model.multi_modal_projector(features)
+        if layout.shape[0]:
+            visual = model.lay_out(visual, layout)
     embeds = model.embed(input_ids, image_features=visual, check=False)
     lm = model.language_model
     if getattr(lm, "model_type", None) in PLAIN_HEAD:
@@ -208,18 +220,26 @@ def all_sum(grads, loss_sum, tokens, read: int, group):
 # ---------------------------------------------------------------- batches
 
 
-def make_batch(model, processor, data: Dataset, indices, features=None):
-    """-> (input_ids, positions, targets, weights, vision features) or None; an
-    example whose image cannot be read is dropped (and recorded), never fatal."""
-    examples, feats = [], []
+def make_batch(model, processor, data: Dataset, indices, features=None, pixels: bool = False):
+    """-> (input_ids, positions, targets, weights, vision, layout) or None (see
+    `loss_fn`); with `pixels` (a vision tower that trains) the images' pixels
+    in place of their features. An example whose image cannot be read is
+    dropped (and recorded), never fatal."""
+    examples, feats, sizes = [], [], []
+    anyres = processor.anyres
     for i in indices:
         e = data.examples[i]
         if e.image is not None:
-            f = image_features(model, processor, e.image, features)
+            f = image_pixels(processor, e.image) if pixels else image_features(model, processor, e.image, features)
             if f is None:
                 data.skipped.append((e.id, f"cannot read image {e.image}"))
                 continue
+            f = f.reshape((-1,) + f.shape[-2 if not pixels else -3:])  # (crops, ...) for both kinds
+            if anyres is not None and f.shape[0] != anyres.crops(e.image_size):
+                data.skipped.append((e.id, f"image {e.image} changed since it was prepared"))
+                continue
             feats.append(f)
+            sizes.append(e.image_size)
         examples.append(e)
     if not examples:
         return None
@@ -233,19 +253,38 @@ def make_batch(model, processor, data: Dataset, indices, features=None):
     targets[:n] = labels[rows, cols + 1]
     weights = np.zeros(size, np.float32)
     weights[:n] = 1.0
+    layout = np.zeros((0,), np.int32)
     if feats:
-        vision = mx.stop_gradient(mx.stack(feats))
-    else:  # no image in the micro-batch: an empty stack keeps one call signature
+        vision = mx.concatenate(feats)
+        if anyres is not None:  # pad crops and tokens to a few shapes, as the text is
+            layout = anyres.batch_index(sizes)
+            layout = np.pad(layout, (0, -len(layout) % TARGET_STEP))
+            vision = mx.pad(vision, [(0, -vision.shape[0] % CROP_STEP)] + [(0, 0)] * (vision.ndim - 1))
+        vision = vision if pixels else mx.stop_gradient(vision)
+    elif pixels:  # no image in the micro-batch: an empty array keeps one call signature
+        size = processor.image_config.crop_size
+        vision = mx.zeros((0, size[0], size[1], 3))
+    else:
         dims = model.vision_tower.config.hidden_size * len(model.args.feature_layers)
         vision = mx.zeros((0, processor.num_visual_tokens, dims))
-    return mx.array(ids), mx.array(positions), mx.array(targets), mx.array(weights), vision
+    return (mx.array(ids), mx.array(positions), mx.array(targets), mx.array(weights), vision,
+            mx.array(layout))
 
 
-def evaluate(model, processor, data: Dataset, micro: int, features=None) -> float:
+def image_pixels(processor, path):
+    """One image's pixels ((crops or 1), H, W, 3), or None when it cannot be read."""
+    try:
+        return processor.preprocess([load_image(path)])
+    except LlavaError:
+        return None
+
+
+def evaluate(model, processor, data: Dataset, micro: int, features=None, pixels: bool = False) -> float:
     """Token-averaged loss over a whole dataset."""
     total, count = 0.0, 0.0
     for start in range(0, len(data.examples), micro):
-        batch = make_batch(model, processor, data, range(start, min(start + micro, len(data.examples))), features)
+        batch = make_batch(model, processor, data, range(start, min(start + micro, len(data.examples))), features,
+                           pixels)
         if batch is not None:
             l, n = loss_fn(model, *batch)
             total, count = total + l.item(), count + n.item()
@@ -265,10 +304,15 @@ def save_outputs(out: Path, run: Run):
     model, cfg = run.model, run.cfg
     projector = {f"multi_modal_projector.{k}": v
                  for k, v in tree_flatten(model.multi_modal_projector.parameters())}
+    if "image_newline" in model:
+        projector["image_newline"] = model.image_newline
     write_safetensors(out / "projector.safetensors", projector)
     if run.lora is not None:
         adapters = {k: v for k, v in tree_flatten(model.language_model.trainable_parameters())}
         write_safetensors(out / "adapters.safetensors", adapters)
+        if cfg.vision_tower_lr is not None:  # beside the adapters, as the projector is
+            write_safetensors(out / "vision_tower.safetensors",
+                              {f"vision_tower.{k}": v for k, v in tree_flatten(model.vision_tower.parameters())})
         adapter_config = {"fine_tune_type": "lora", **run.lora, "base_model": cfg.model,
                           "conv_mode": cfg.conv_mode}
         write_text(out / "adapter_config.json", json.dumps(adapter_config, indent=2))
