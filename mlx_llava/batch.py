@@ -284,19 +284,26 @@ class BatchGenerator:
             mine = digests[i][self.images_before(prompts[i], start, counts[i]):]
             return [features[d] for d in mine] if mine else None
 
-        # Prompts that start afresh are prefilled together; those continuing a cached prefix one by one.
+        # Prompts that start afresh are prefilled together, right-padded in one batch.
+        # With a prefix cache, a fresh prompt whose images an earlier one of this
+        # insert already covers waits and continues from that one's cache instead.
         caches = [None] * len(prompts)
         fresh = [i for i, (start, _) in enumerate(reuse) if start == 0]
-        for i, cache in zip(fresh, self.prefill([prompts[i] for i in fresh], [own(i, 0) for i in fresh])):
+        leaders = fresh if self.prefix_cache is None else \
+            [i for k, i in enumerate(fresh) if not any(self.covers(keys[j], keys[i]) for j in fresh[:k])]
+        for i, cache in zip(leaders, self.prefill([prompts[i] for i in leaders], [own(i, 0) for i in leaders])):
             caches[i] = cache
-        for i, (start, cached) in enumerate(reuse):
-            if start:
-                self.prefix_cache.hits += 1
-                self.prefix_cache.reused_tokens += start
-                caches[i] = self.prefill_from(prompts[i], own(i, start), PrefixCache.reuse(cached, start), start)
-        if self.prefix_cache is not None:
-            for key, ids, cache in zip(keys, prompts, caches):
-                self.prefix_cache.store(key[: len(ids) - 1], cache)
+            if self.prefix_cache is not None:
+                self.prefix_cache.store(keys[i][: len(prompts[i]) - 1], cache)
+        for i in range(len(prompts)):
+            if caches[i] is None:
+                start, cached = reuse[i] if reuse[i][0] else self.reusable(keys[i])
+                if start:  # (0: the leader's entry was evicted already; prefill it whole)
+                    self.prefix_cache.hits += 1
+                    self.prefix_cache.reused_tokens += start
+                cache = PrefixCache.reuse(cached, start) if start else None
+                caches[i] = self.prefill_from(prompts[i], own(i, start), cache, start)
+                self.prefix_cache.store(keys[i][: len(prompts[i]) - 1], caches[i])
         max_tokens = [max(1, min(r.max_tokens, self.processor.context_length - len(ids)))
                       for r, ids in zip(requests, prompts)]
         uids = self.generator.insert(
@@ -324,6 +331,12 @@ class BatchGenerator:
             left -= 1
             key[i] = ("image", digests[image])
         return key
+
+    @staticmethod
+    def covers(earlier: list, key: list) -> bool:
+        """Whether `earlier` shares with `key` a prefix holding all of key's images."""
+        images = [n for n, k in enumerate(key) if isinstance(k, tuple)]
+        return bool(images) and _common_prefix(earlier, key) > images[-1] + 1
 
     def reusable(self, key: list) -> tuple:
         """(how many leading positions of `key` can come from the prefix cache, its entry)."""

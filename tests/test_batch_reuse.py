@@ -41,7 +41,7 @@ def run(gen, requests):
 def count_encodes(model):
     calls = []
     encode = model.encode_images
-    model.encode_images = lambda pixels: calls.append(pixels.shape[0]) or encode(pixels)
+    model.encode_images = lambda pixels, *sizes: calls.append(pixels.shape[0]) or encode(pixels, *sizes)
     return calls
 
 
@@ -128,7 +128,7 @@ def test_prefix_cache_stays_within_its_bytes(loaded, pictures):
     for k in range(3):
         run(gen, [Request.ask("Hello", image=pictures[k], max_tokens=4)])
         assert small.nbytes <= small.max_bytes and len(small) == 1  # the newest only
-    assert small.lookup(gen.key(gen.prompt_ids(Request.ask("Hello", image=pictures[2])), ["x"]))[0] > 0
+    assert small.lookup(gen.key(gen.prompt_ids(Request.ask("Hello", image=pictures[2])), ["x"], [processor.num_visual_tokens]))[0] > 0
     few = PrefixCache(max_entries=2)
     gen = BatchGenerator(model, processor, prefix_cache=few)
     for k in range(3):
