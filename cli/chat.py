@@ -29,17 +29,13 @@ def chat(
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    from mlx_llava.errors import LlavaError, check_sampling
-    from mlx_llava.image import load_image
+    from mlx_llava.errors import LlavaError
 
-    check_sampling(max_tokens, temperature, top_p, seed, repetition_penalty)
-    options.check_conv_mode(conv_mode)
-    image = load_image(image) if image is not None else None  # before the slow part
+    llava, processor, image = options.start(model, quantize, image, conv_mode, verbose, max_tokens=max_tokens,
+                                            temperature=temperature, top_p=top_p, seed=seed,
+                                            repetition_penalty=repetition_penalty)
     from mlx_llava.generate import Chat, speed_line
 
-    llava, processor = options.load(model, quantize)
-    if verbose:
-        options.describe(processor, conv_mode, image)
     session = Chat(llava, processor, image, system=system, conv_mode=conv_mode)
     sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                     repetition_penalty=repetition_penalty)

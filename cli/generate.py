@@ -23,17 +23,11 @@ def generate(
     verbose: options.Verbose = False,
 ):
     """Answer one question about an image (or none)."""
-    from mlx_llava.errors import check_sampling
-    from mlx_llava.image import load_image
-
-    check_sampling(max_tokens, temperature, top_p, seed, repetition_penalty)
-    options.check_conv_mode(conv_mode)
-    image = load_image(image) if image is not None else None  # before the slow part
+    llava, processor, image = options.start(model, quantize, image, conv_mode, verbose, max_tokens=max_tokens,
+                                            temperature=temperature, top_p=top_p, seed=seed,
+                                            repetition_penalty=repetition_penalty)
     from mlx_llava.generate import speed_line, stream_generate
 
-    llava, processor = options.load(model, quantize)
-    if verbose:
-        options.describe(processor, conv_mode, image)
     last = None
     for last in stream_generate(
         llava, processor, prompt, image,

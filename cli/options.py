@@ -104,3 +104,19 @@ def describe(processor, conv_mode=None, image=None):
                        f"{processor.visual_tokens(size)} visual tokens")
     typer.echo(f"template: {conv_mode or processor.conv_mode}; images: {config.image_aspect_ratio} to "
                f"{config.crop_size[1]}x{config.crop_size[0]}, {tokens}", err=True)
+
+
+def start(model, quantize, image, conv_mode, verbose, **sampling):
+    """What `generate` and `chat` do before the first answer: every option and
+    the image checked before anything slow, then the model loaded (and, with
+    --verbose, described). -> (model, processor, image)."""
+    from mlx_llava.errors import check_sampling
+    from mlx_llava.image import load_image
+
+    check_sampling(**sampling)
+    check_conv_mode(conv_mode)
+    image = load_image(image) if image is not None else None
+    llava, processor = load(model, quantize)
+    if verbose:
+        describe(processor, conv_mode, image)
+    return llava, processor, image

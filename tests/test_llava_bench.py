@@ -4,10 +4,10 @@ import json
 import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
+
+from endpoint import Endpoint
 
 from mlx_llava.datagen.teacher import OpenAITeacher
 from mlx_llava.eval import llava_bench
@@ -41,41 +41,12 @@ CASES = {
 }
 
 
-class Judge:
+class Judge(Endpoint):
     """An OpenAI-style /v1/chat/completions on 127.0.0.1 answering each question's scripted reply."""
 
     def __init__(self, key="sk-test", lifetime=120):
         self.requests, self.key = [], key
-        judge = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                status, answer = judge.answer(self.path, self.headers.get("Authorization"), body)
-                data = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = HTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.timer = threading.Timer(lifetime, self.server.shutdown)
-
-    def __enter__(self):
-        self.thread.start()
-        self.timer.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.timer.cancel()
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(lifetime)
 
     def answer(self, path, auth, body):
         if path != "/v1/chat/completions":

@@ -11,11 +11,11 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
+
+from endpoint import Endpoint
 
 from mlx_llava.datagen import DETAIL_INSTRUCTIONS, read_coco
 from mlx_llava.datagen.prompts import PROMPTS
@@ -190,7 +190,7 @@ def test_malformed_replies_raise(kind, reply):
 # ---------------------------------------------------------------- a fake OpenAI-compatible endpoint
 
 
-class FakeEndpoint:
+class FakeEndpoint(Endpoint):
     """An OpenAI-style /v1/chat/completions on 127.0.0.1 that answers from the request.
 
     It fails the first `fail_first` requests with HTTP 500, wants `key` (if set)
@@ -200,36 +200,7 @@ class FakeEndpoint:
 
     def __init__(self, fail_first=0, key=None, bad=(), lifetime=120):
         self.requests, self.fail_first, self.key, self.bad = [], fail_first, key, set(bad)
-        endpoint = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                status, answer = endpoint.answer(self.path, self.headers.get("Authorization"), body)
-                data = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = HTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.timer = threading.Timer(lifetime, self.server.shutdown)
-
-    def __enter__(self):
-        self.thread.start()
-        self.timer.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.timer.cancel()
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(lifetime)
 
     def answer(self, path, auth, body):
         if path != "/v1/chat/completions":

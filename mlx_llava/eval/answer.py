@@ -32,8 +32,14 @@ _LLAVA_HF_15 = f"USER: {IMAGE_PLACEHOLDER}\nQ ASSISTANT:"
 
 
 def read_answers(path, repair: bool = False) -> list:
-    """The answer lines of a JSONL file. A last line cut short by a kill is
-    ignored (removed from the file when `repair`); any other bad line is an error."""
+    """The answer lines of a JSONL file (see `read_lines`)."""
+    return read_lines(path, ("question_id", "text"), "an answer line ({question_id, text, ...})", repair)
+
+
+def read_lines(path, fields: tuple, what: str, repair: bool = False) -> list:
+    """The JSON lines of a file that an interrupted run appends to, each an
+    object with `fields`. A last line cut short by a kill is ignored (removed
+    from the file when `repair`); any other bad line is an error naming `what`."""
     path = Path(path)
     if not path.exists():
         return []
@@ -51,8 +57,8 @@ def read_answers(path, repair: bool = False) -> list:
             row = json.loads(line)
         except json.JSONDecodeError:
             raise LlavaError(f"{path}:{n} is not a JSON line") from None
-        if not isinstance(row, dict) or "question_id" not in row or "text" not in row:
-            raise LlavaError(f"{path}:{n} is not an answer line ({{question_id, text, ...}})")
+        if not isinstance(row, dict) or any(f not in row for f in fields):
+            raise LlavaError(f"{path}:{n} is not {what}")
         rows.append(row)
     return rows
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import LlavaError
-from .answer import key, read_answers
+from .answer import key, read_answers, read_lines
 from .questions import read_jsonl
 
 SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
@@ -99,7 +99,7 @@ def review(questions_file, context_file, reference_file, answers_file, rule_file
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     done = {}
-    for r in read_answers_like(output, repair=True):
+    for r in read_lines(output, ("question_id", "tuple"), "a review line", repair=True):
         if r.get("judge", judge_name) != judge_name:
             raise LlavaError(f"{output} holds reviews by judge {r.get('judge')!r}, not {judge_name!r}: use another --reviews file")
         if not (retry_malformed and r["tuple"] == MALFORMED):
@@ -132,29 +132,6 @@ def review(questions_file, context_file, reference_file, answers_file, rule_file
                 progress(row)
         os.fsync(out.fileno())
     return reviews
-
-
-def read_answers_like(path, repair: bool = False) -> list:
-    """Review lines (JSONL), a cut-off last line dropped."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        data = data[: data.rfind(b"\n") + 1]
-        if repair:
-            with open(path, "r+b") as f:
-                f.truncate(len(data))
-    rows = []
-    for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-                row["question_id"], row["tuple"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise LlavaError(f"{path}:{n} is not a review line") from None
-            rows.append(row)
-    return rows
 
 
 def summarize(reviews: list, judge_name: str, questions: Optional[int] = None) -> dict:
