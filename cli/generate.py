@@ -1,6 +1,6 @@
 """`mlx-llava generate`: one answer, streamed to the terminal."""
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -21,6 +21,9 @@ def generate(
     conv_mode: options.ConvMode = None,
     system: options.System = None,
     verbose: options.Verbose = False,
+    prompt_cache: Annotated[Optional[str], typer.Option(
+        "--prompt-cache", help="A .safetensors file for the image's and the system prompt's KV cache: "
+        "reused when it exists (it must come from this model and image), else written after the answer.")] = None,
 ):
     """Answer one question about an image (or none)."""
     from mlx_llava.errors import check_sampling
@@ -29,6 +32,10 @@ def generate(
     check_sampling(max_tokens, temperature, top_p, seed, repetition_penalty)
     options.check_conv_mode(conv_mode)
     image = load_image(image) if image is not None else None  # before the slow part
+    if prompt_cache is not None:
+        from mlx_llava.errors import check_output
+
+        check_output(prompt_cache, [], "--prompt-cache", folder=False)
     from mlx_llava.generate import speed_line, stream_generate
 
     llava, processor = options.load(model, quantize)
@@ -39,6 +46,7 @@ def generate(
         llava, processor, prompt, image,
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
         repetition_penalty=repetition_penalty, conv_mode=conv_mode, system=system,
+        prompt_cache=prompt_cache,
     ):
         print(last.text, end="", flush=True)
     print()
