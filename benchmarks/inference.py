@@ -62,6 +62,9 @@ SHAPES = {
 VOCAB = 32000  # tokenizer pieces; <image> is 32000, <pad> 32001, the table padded to 32064 (llava-hf)
 PADDED_VOCAB = 32064
 IMAGE_TOKEN, PAD_TOKEN = 32000, 32001
+# What mlx-llava never says (generate.only_text_tokens): the image token and the padded rows;
+# the peers are told the same, so that greedy tokens can agree.
+NEVER = [IMAGE_TOKEN] + list(range(PAD_TOKEN + 1, PADDED_VOCAB))
 QUESTION = "What is shown in this image? Describe it in detail."
 IMPLEMENTATIONS = ("mlx-llava", "transformers", "mlx-vlm")
 PRECISIONS = ("fp32", "fp16", "q8", "q4", "q4-f16")  # q4-f16: 4-bit with float16 scales (convert -q's default)
@@ -300,7 +303,7 @@ class Transformers:
             out = self.model.generate(
                 input_ids=torch.tensor([self.ids], device=self.device), pixel_values=pixels, do_sample=False,
                 max_new_tokens=max_tokens, min_new_tokens=max_tokens, streamer=Clock(),
-                suppress_tokens=list(range(IMAGE_TOKEN, PADDED_VOCAB)), pad_token_id=PAD_TOKEN,
+                suppress_tokens=NEVER, pad_token_id=PAD_TOKEN,
             )
         return t0, times[1:], out[0, len(self.ids):].tolist()  # the first put is the prompt
 
@@ -346,7 +349,7 @@ class MlxVlm:
 
     def generate(self, image, question, max_tokens):
         mx = self.mx
-        bias = {i: -math.inf for i in range(IMAGE_TOKEN, PADDED_VOCAB)}
+        bias = {i: -math.inf for i in NEVER}
         bias[2] = -math.inf
         times, tokens = [], []
         t0 = now()
@@ -378,7 +381,8 @@ def worker(name, paths, settings, conn):
     try:
         if name == "mlx-llava-before":
             sys.path.insert(0, settings["before"])
-        import mlx_llava  # noqa: F401  (every MLX gets mlx-llava's BLAS on Linux: the same kernels)
+        if name != "mlx-vlm" or settings["peer_blas"] == "same":
+            import mlx_llava  # noqa: F401  (every MLX gets mlx-llava's BLAS on Linux: the same kernels)
 
         if name == "mlx-llava-before" and not mlx_llava.__file__.startswith(settings["before"]):
             raise RuntimeError(f"--before: imported mlx_llava from {mlx_llava.__file__}, not {settings['before']}")
@@ -386,7 +390,7 @@ def worker(name, paths, settings, conn):
         image = make_image(settings["image_size"])
         t = now()
         runner = RUNNERS[name](paths, settings)
-        blas = sys.modules["mlx_llava.blas"].loaded if "mlx_llava.blas" in sys.modules else None
+        blas = sys.modules["mlx_llava.blas"].loaded if "mlx_llava.blas" in sys.modules else "MLX's own"
         conn.send({"loaded_s": now() - t, "ids": getattr(runner, "ids", None) or runner.prompt_ids(QUESTION),
                    "blas": blas})
         while True:
@@ -590,7 +594,8 @@ def markdown(result) -> str:
     lines.append("Greedy tokens equal to transformers' (leading fraction): " + ", ".join(
         f"{k} {v:.0%}" for k, v in result["agreement"].items()) + ".")
     lines.append("BLAS under MLX: " + ", ".join(f"{k} {v}" for k, v in result["blas"].items() if k != "transformers")
-                 + " (mlx-vlm is given mlx-llava's, so both run the same kernels).")
+                 + ("" if result.get("peer_blas") == "own" else " (mlx-vlm is given mlx-llava's, so both run the same kernels)")
+                 + ".")
     lines.append(f"Decode roofline: {result['bytes_per_token'] / 1e9:.2f} GB of weights per token at "
                  f"{result['bandwidth_gbs']:.1f} GB/s = {result['roofline_tps']:.2f} tokens/s.")
     return "\n".join(lines) + "\n"
@@ -611,6 +616,9 @@ def main(argv=None):
     p.add_argument("--before", default=None, metavar="DIR",
                    help="also run mlx-llava from this checkout (e.g. a worktree of an older commit), "
                         "as the column mlx-llava-before")
+    p.add_argument("--peer-blas", choices=("same", "own"), default="same",
+                   help="mlx-vlm under mlx-llava's BLAS (same kernels: the default) or MLX's bundled one "
+                        "(what `pip install mlx-vlm` gives on Linux)")
     p.add_argument("--label", default=None, help="a name for this run in the JSON and the table")
     args = p.parse_args(argv)
 
@@ -630,7 +638,7 @@ def main(argv=None):
     bytes_per_token = decode_bytes(mlx_dir)
 
     settings = {"precision": args.precision, "max_tokens": args.max_tokens, "image_size": vision["image_size"],
-                "before": str(Path(args.before).resolve()) if args.before else None}
+                "before": str(Path(args.before).resolve()) if args.before else None, "peer_blas": args.peer_blas}
     impls = list(args.impl) + (["mlx-llava-before"] if args.before else [])
     ctx = mp.get_context("spawn")
     procs, conns = {}, {}
@@ -693,7 +701,7 @@ def main(argv=None):
         "others_busy_cores": others, "elapsed_s": elapsed, "forced": args.force and load_before[0] > args.max_load,
         "bandwidth_gbs": bandwidth, "bytes_per_token": bytes_per_token,
         "roofline_tps": bandwidth * 1e9 / bytes_per_token,
-        "results": results, "agreement": agree, "blas": blas, "before": args.before,
+        "results": results, "agreement": agree, "blas": blas, "before": args.before, "peer_blas": args.peer_blas,
     }
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"inference-{args.shape}-{args.precision}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ import mlx.nn as nn  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
 
+TOKENS = int(os.environ.get("LEVERS_DECODE_TOKENS", 16))
 CPU = {}  # variant -> CPU seconds of this process (all its threads) per run
 
 
@@ -50,8 +51,8 @@ def prefill(model, embeds, step):
     return run
 
 
-def decode(model, embeds, tokens=16):
-    """`tokens` greedy steps after a 605-token prompt (the prefill not timed)."""
+def decode(model, embeds, tokens=TOKENS):
+    """`tokens` greedy steps after the prompt (605 tokens; the prefill not timed)."""
     lm = model.language_model
 
     def run():
@@ -129,11 +130,21 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--only", nargs="+", default=["prefill", "decode", "vision"])
     p.add_argument("--steps", nargs="+", type=int, default=[2048, 512, 256, 128])
+    p.add_argument("--as-written", action="store_true",
+                   help="load without the CPU fallback (float16 scales stay float16)")
     args = p.parse_args()
-    model, processor = mlx_llava.load(args.model)
+    if args.as_written:
+        from mlx_llava.processor import Processor
+        from mlx_llava.weights import load_model
+
+        model, config = load_model(args.model, cpu_fallback=False)
+        processor = Processor.from_dir(args.model, config)
+    else:
+        model, processor = mlx_llava.load(args.model)
     size = processor.image_config.crop_size[0]
     pixels = mx.random.uniform(shape=(1, size, size, 3))
-    embeds = mx.random.normal((605, model.args.text_config["hidden_size"])) * 0.02
+    prompt = int(os.environ.get("LEVERS_PROMPT_TOKENS", 605))
+    embeds = mx.random.normal((prompt, model.args.text_config["hidden_size"])) * 0.02
     mx.eval(pixels, embeds)
     variants = {}
     if "prefill" in args.only:
