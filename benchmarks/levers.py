@@ -3,6 +3,7 @@ turn, round by round, on the benchmark's checkpoint (benchmarks/inference.py
 builds it), in one process.
 
     python benchmarks/levers.py [--model DIR] [--rounds 3] [--only prefill decode vision]
+    python benchmarks/levers.py --only ops          # the BLAS's part, op by op
 
 Run it once per BLAS (`MLX_LLAVA_BLAS=openblas`, `MLX_LLAVA_BLAS=mkl`): the
 library is chosen when MLX loads. Prints a Markdown table of medians (wall
@@ -124,6 +125,36 @@ def vision_split(model, pixels):
     return run
 
 
+def ops():
+    """The BLAS's part, op by op (best of several, ms): large products, a
+    CLIP layer's attention, and one-row products over 370 MB of weights
+    (beyond the caches, as in decoding)."""
+    def best(f, n=10):
+        mx.eval(f())
+        out = 1e9
+        for _ in range(n):
+            t = time.perf_counter()
+            mx.eval(f())
+            out = min(out, time.perf_counter() - t)
+        return out * 1e3
+
+    x, w = mx.random.normal((577, 1024)), mx.random.normal((4096, 1024))
+    xl, wl = mx.random.normal((626, 2048)), mx.random.normal((5632, 2048))
+    q = mx.random.normal((1, 16, 577, 64))
+    ws, v = [mx.random.normal((5632, 2048)) for _ in range(8)], mx.random.normal((1, 2048))
+    mx.eval(x, w, xl, wl, q, ws, v)
+    rows = {
+        "CLIP fc1, 577x1024 @ 1024x4096": lambda: x @ w.T,
+        "LLaMA MLP, 626x2048 @ 2048x5632": lambda: xl @ wl.T,
+        "CLIP attention scores q @ k^T (16 heads of 577x64)": lambda: q @ q.transpose(0, 1, 3, 2),
+        "CLIP attention, mx.fast.scaled_dot_product_attention": lambda: mx.fast.scaled_dot_product_attention(q, q, q, scale=0.125),
+        "softmax of those scores alone": lambda: mx.softmax(q @ q.transpose(0, 1, 3, 2), -1),
+        "one row x @ W^T over 8 matrices 5632x2048 (370 MB)": lambda: [v @ m.T for m in ws],
+        "the same as W @ x^T": lambda: [m @ v.T for m in ws],
+    }
+    return {name: best(f) for name, f in rows.items()}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default=os.path.expanduser("/work/bench-speed/llava-1b-hf-mlx-fp32"))
@@ -133,6 +164,12 @@ def main():
     p.add_argument("--as-written", action="store_true",
                    help="load without the CPU fallback (float16 scales stay float16)")
     args = p.parse_args()
+    if args.only == ["ops"]:
+        print(f"BLAS: {mlx_llava.blas.loaded}; load average {os.getloadavg()}")
+        print("| op | ms |\n|---|---|")
+        for name, ms in ops().items():
+            print(f"| {name} | {ms:.1f} |")
+        return
     if args.as_written:
         from mlx_llava.processor import Processor
         from mlx_llava.weights import load_model
