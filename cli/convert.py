@@ -13,7 +13,7 @@ Opt = typer.Option
 def convert(
     hf: Annotated[str, Opt("--hf", "--hf-path", help="Source: hub repo id or folder (original LLaVA, stage-1, LoRA, llava-hf, mlx-vlm).")],
     mlx_path: Annotated[str, Opt("--mlx-path", help="Output folder.")] = "mlx_model",
-    dtype: Annotated[Optional[str], Opt("--dtype", help="float16, bfloat16 or float32, for unquantized weights. Default: float16 (an MLX source keeps its own).")] = None,
+    dtype: Annotated[Optional[str], Opt("--dtype", help="float16, bfloat16 or float32: the unquantized weights and, with -q, the scales and biases. Default: float16 (an MLX source keeps its own); on a CPU (Linux) use float32: float16 scales run about 35x slower there.")] = None,
     quantize: Annotated[bool, Opt("-q", "--quantize", help="Quantize, as mlx-lm does (embeddings and lm_head too).")] = False,
     q_bits: Annotated[Optional[int], Opt("--q-bits", help="With -q: 4 or 8 (default 4). Refused without -q.")] = None,
     q_group_size: Annotated[Optional[int], Opt("--q-group-size", help="With -q: 32, 64 or 128 (default 64). Refused without -q.")] = None,

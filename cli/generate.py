@@ -1,6 +1,6 @@
 """`mlx-llava generate`: one answer, streamed to the terminal."""
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -21,8 +21,15 @@ def generate(
     conv_mode: options.ConvMode = None,
     system: options.System = None,
     verbose: options.Verbose = False,
+    prompt_cache: Annotated[Optional[str], typer.Option(
+        "--prompt-cache", help="A .safetensors file for the image's and the system prompt's KV cache: "
+        "reused when it exists (it must come from this model and image), else written after the answer.")] = None,
 ):
     """Answer one question about an image (or none)."""
+    if prompt_cache is not None:  # before the slow part, as every other option
+        from mlx_llava.errors import check_output
+
+        check_output(prompt_cache, [], "--prompt-cache", folder=False)
     llava, processor, image = options.start(model, quantize, image, conv_mode, verbose, max_tokens=max_tokens,
                                             temperature=temperature, top_p=top_p, seed=seed,
                                             repetition_penalty=repetition_penalty)
@@ -33,6 +40,7 @@ def generate(
         llava, processor, prompt, image,
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
         repetition_penalty=repetition_penalty, conv_mode=conv_mode, system=system,
+        prompt_cache=prompt_cache,
     ):
         print(last.text, end="", flush=True)
     print()

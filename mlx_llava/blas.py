@@ -1,13 +1,22 @@
-"""Put a fast system BLAS under MLX on Linux.
+"""Put a fast BLAS under MLX on Linux.
 
 MLX's Linux wheel bundles a reference BLAS: float32 matmul runs at about
 5 GFLOP/s on a 2-core x86 machine. Its cblas symbols are resolved by the
-dynamic linker, so a system OpenBLAS loaded first with RTLD_GLOBAL serves them
-instead (about 200 GFLOP/s). This must happen before `mlx.core` is imported.
-macOS uses Accelerate and Metal: nothing is done there.
+dynamic linker, so a library loaded first with RTLD_GLOBAL serves them
+instead. This must happen before `mlx.core` is imported. macOS uses
+Accelerate and Metal: nothing is done there.
 
-`MLX_LLAVA_BLAS=off` disables it; `MLX_LLAVA_BLAS=/path/to/libopenblas.so`
-names the library to load.
+Which library: Intel's MKL when it is installed in this Python environment
+(`pip install mkl`, or `pip install "mlx-llava[mkl]"`), else the system
+OpenBLAS (`apt install libopenblas0-pthread`). Both multiply large float32
+matrices at about 150-200 GFLOP/s here; OpenBLAS 0.3.21 (Debian 12) copies
+the whole weight matrix for a one-row product, so decoding reads each weight
+about three times, while MKL reads it once: decoding runs about twice as fast
+with MKL (benchmarks/inference.md). MKL runs with its own OpenMP
+(`MKL_THREADING_LAYER=INTEL` unless set).
+
+`MLX_LLAVA_BLAS`: `auto` (the default: MKL, else OpenBLAS), `mkl`,
+`openblas`, `off`, or the path of a library to load.
 """
 
 import ctypes
@@ -24,7 +33,15 @@ CANDIDATES = (
     "/usr/lib/libopenblas.so.0",
 )
 
+MKL_NAMES = ("libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so")
+
 loaded = None  # the path of the library loaded, if any
+
+
+def environment_mkl() -> list:
+    """MKL's runtime library where pip's `mkl` wheel puts it: this environment's lib/."""
+    folder = os.path.join(sys.prefix, "lib")
+    return [os.path.join(folder, n) for n in MKL_NAMES if os.path.exists(os.path.join(folder, n))]
 
 
 def use_system_blas():
@@ -41,12 +58,19 @@ def use_system_blas():
         or "mlx.core" in sys.modules
     ):
         return loaded
-    if setting.lower() in ("auto", "on", "1", ""):
-        paths = [p for p in CANDIDATES if os.path.exists(p)]
-        paths.append(ctypes.util.find_library("openblas"))
+    openblas = [p for p in CANDIDATES if os.path.exists(p)] + [ctypes.util.find_library("openblas")]
+    choice = setting.lower()
+    if choice in ("auto", "on", "1", ""):
+        paths = environment_mkl() + openblas
+    elif choice == "mkl":
+        paths = environment_mkl()
+    elif choice == "openblas":
+        paths = openblas
     else:
         paths = [setting]
     for path in filter(None, paths):
+        if "mkl" in os.path.basename(path):
+            os.environ.setdefault("MKL_THREADING_LAYER", "INTEL")
         try:
             ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
         except OSError:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from mlx_llava.blas import CANDIDATES
+from mlx_llava.blas import CANDIDATES, environment_mkl
 
 PRESENT = sys.platform.startswith("linux") and any(os.path.exists(p) for p in CANDIDATES)
 pytestmark = pytest.mark.skipif(not PRESENT, reason="no system OpenBLAS (Linux: apt install libopenblas0-pthread)")
@@ -16,11 +16,13 @@ import time, mlx_llava, mlx.core as mx
 maps = open('/proc/self/maps').read()
 a = mx.random.normal((512, 512)); b = mx.random.normal((512, 512)); mx.eval(a, b)
 mx.eval(a @ b)
-t = time.perf_counter()
-for _ in range(10):
+best = 1e9
+for _ in range(20):  # the best of 20: a busy machine slows some
+    t = time.perf_counter()
     mx.eval(a @ b)
-gflops = 10 * 2 * 512**3 / (time.perf_counter() - t) / 1e9
-print('/libopenblas' in maps, mlx_llava.blas.loaded, round(gflops, 1))
+    best = min(best, time.perf_counter() - t)
+gflops = 2 * 512**3 / best / 1e9
+print('/libopenblas' in maps or '/libmkl_rt' in maps, mlx_llava.blas.loaded, round(gflops, 1))
 """
 
 
@@ -40,6 +42,17 @@ def test_matmul_is_fast_with_system_blas():
 def test_off_switch():
     mapped, path, _ = probe(MLX_LLAVA_BLAS="off")
     assert not mapped and path == "None"
+
+
+def test_openblas_when_asked():
+    mapped, path, gflops = probe(MLX_LLAVA_BLAS="openblas")
+    assert mapped and "openblas" in path
+
+
+@pytest.mark.skipif(not environment_mkl(), reason="no MKL in this environment (pip install mkl)")
+def test_mkl_first_when_installed():
+    mapped, path, gflops = probe(MLX_LLAVA_BLAS="auto")
+    assert mapped and "libmkl_rt" in path and gflops > 25
 
 
 def test_explicit_path():

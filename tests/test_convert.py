@@ -302,6 +302,33 @@ def test_quantized_8bit_is_close(ref, clip, tokenizer_dir, tmp_path):
     assert 8 < summary.bits_per_weight < 16
 
 
+@pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the fallback is for MLX's CPU backend")
+def test_float16_scales_become_float32_on_the_cpu(ref, clip, tokenizer_dir, tmp_path, capsys):
+    """4-bit with float16 scales (convert -q's default) runs ~35x slower on
+    MLX's CPU backend: load casts them to float32, says so in one line, and
+    answers within the quantized model's own tolerance of the reference."""
+    src = write_original(ref, tmp_path / "llava-v1.5-tiny", tokenizer_dir, clip)
+    summary = convert(str(src), str(tmp_path / "q4"), quantize=True, q_bits=4, q_group_size=32)
+    assert summary.scales_dtype == "float16" and "float16 scales" in str(summary)
+    capsys.readouterr()
+    fast, _ = load_model(tmp_path / "q4")
+    said = capsys.readouterr().err.strip().splitlines()
+    assert len(said) == 1 and "float16 scales" in said[0] and "--dtype float32" in said[0]
+    slow, _ = load_model(tmp_path / "q4", cpu_fallback=False)
+    scales = lambda m: m.language_model.model.layers[0].mlp.up_proj.scales.dtype
+    assert (scales(fast), scales(slow)) == (mx.float32, mx.float16)
+    # The same quantized weights, computed in float32 rather than float16:
+    # as close to the reference as the model as written, and close to it.
+    assert cosine(ref, fast) > cosine(ref, slow) - 1e-3 > 0.95
+    a, b = logits(ref, fast)[1], logits(ref, slow)[1]
+    assert np.abs(a - b).max() < 1e-2 * np.abs(b).max()
+    convert(str(src), str(tmp_path / "q4-32"), quantize=True, q_bits=4, q_group_size=32, dtype="float32")
+    capsys.readouterr()
+    q32, _ = load_model(tmp_path / "q4-32")
+    assert capsys.readouterr().err == ""
+    assert cosine(ref, q32) > 0.95
+
+
 def test_quantize_vision_and_undivided_layers(ref, clip, tokenizer_dir, tmp_path):
     src = write_original(ref, tmp_path / "llava-v1.5-tiny", tokenizer_dir, clip, kind="safetensors")
     convert(str(src), str(tmp_path / "q32"), quantize=True, q_bits=8, q_group_size=32, quantize_vision=True)

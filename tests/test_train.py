@@ -276,7 +276,10 @@ def test_two_processes_match_one(model_dir, dataset, tmp_path):
     a = mx.load(str(tmp_path / "one" / "adapters.safetensors"))
     b = mx.load(str(tmp_path / "two" / "adapters.safetensors"))
     for k in a:
-        assert np.allclose(np.array(a[k]), np.array(b[k]), atol=1e-5), k
+        # The same sums in another order (two halves of the batch, then all_sum), amplified by
+        # three optimizer steps: about 1e-5 on weights of about 0.16 with MKL under MLX, half
+        # that with OpenBLAS. A lost or doubled gradient would be off by far more.
+        assert np.allclose(np.array(a[k]), np.array(b[k]), atol=5e-5), k
     # the step's counts are summed over the processes too: same loss, same target and read tokens
     logs = [[json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
             for run in ("one", "two")]
@@ -412,7 +415,10 @@ def test_compiled_step_trains_like_the_plain_one(model_dir, dataset, tmp_path):
     a = mx.load(str(tmp_path / "True" / "adapters.safetensors"))
     b = mx.load(str(tmp_path / "False" / "adapters.safetensors"))
     for k in a:
-        assert np.allclose(np.array(a[k]), np.array(b[k]), atol=1e-5), k
+        # The same sums in another order (two halves of the batch, then all_sum), amplified by
+        # three optimizer steps: about 1e-5 on weights of about 0.16 with MKL under MLX, half
+        # that with OpenBLAS. A lost or doubled gradient would be off by far more.
+        assert np.allclose(np.array(a[k]), np.array(b[k]), atol=5e-5), k
 
 
 def test_stage_table_is_the_one_the_readme_shows():
