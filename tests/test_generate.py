@@ -114,7 +114,7 @@ def test_prompt_cache_file(loaded, picture, tmp_path):
     assert path.is_file()
     calls = []
     encode = model.encode_images
-    model.encode_images = lambda pixels: calls.append(pixels.shape) or encode(pixels)
+    model.encode_images = lambda pixels, *sizes: calls.append(pixels.shape) or encode(pixels)
     try:
         again = list(stream_generate(model, processor, "What is in the image?", image=picture,
                                      max_tokens=5, prompt_cache=path))

@@ -439,6 +439,45 @@ def test_chat_keeps_the_cache_and_verbose_shows_the_visual_tokens(hf_dir, tmp_pa
     assert f"{count} visual tokens" in result.stderr and "50x30 image" in result.stderr
 
 
+def greedy_fresh(model, processor, ids, images, n):
+    """Greedy tokens of one uncached pass over `ids` with these images."""
+    from mlx_lm.generate import generate_step
+
+    pixels, sizes = processor.image_inputs(images)
+    embeds = model.embed(mx.array([ids]), pixels, image_sizes=sizes)[0]
+    return [t for t, _ in generate_step(mx.array(ids), model.language_model, input_embeddings=embeds,
+                                        max_tokens=n)]
+
+
+def test_chat_with_images_of_different_token_counts_and_a_prompt_cache_file(hf_dir, tmp_path):
+    """A second image (another size, so another visual token count) in the
+    second turn: only it goes through the vision tower, and the turn's
+    tokens equal an uncached pass over the same ids. A prompt cache file of
+    the first turn, reloaded, gives the first turn's tokens again."""
+    model, processor = mlx_llava.load(hf_dir)
+    wide, tall = noise(IMAGES["landscape"]), noise(IMAGES["portrait"], seed=1)
+    assert processor.visual_tokens((30, 50)) != processor.visual_tokens((45, 20))
+    no_eos = {processor.tokenizer.eos_token_id: -float("inf")}
+    chat = mlx_llava.Chat(model, processor, image=wide)
+    first = [r.token for r in chat.ask("What is it?", max_tokens=4, logit_bias=no_eos)]
+    assert first == greedy_fresh(model, processor, chat.prompt_ids, [wide], 4)
+    chat.save_prompt_cache(tmp_path / "wide.safetensors")
+    calls = []
+    encode = model.encode_images
+    model.encode_images = lambda pixels, *sizes: calls.append(pixels.shape[0]) or encode(pixels, *sizes)
+    try:
+        second = [r.token for r in chat.ask("<image>\nAnd this one?", image=tall, max_tokens=4, logit_bias=no_eos)]
+    finally:
+        del model.encode_images
+    assert calls == [processor.anyres.crops((45, 20))]
+    assert second == greedy_fresh(model, processor, chat.prompt_ids, [wide, tall], 4)
+
+    again = mlx_llava.Chat(model, processor, image=wide)
+    again.load_prompt_cache(tmp_path / "wide.safetensors")
+    replay = list(again.ask("What is it?", max_tokens=4, logit_bias=no_eos))
+    assert [r.token for r in replay] == first and replay[-1].prompt_tokens == 1
+
+
 @pytest.mark.parametrize("method", ["full", "qlora"])
 def test_full_and_qlora_on_a_16_model(hf_dir, next_data, tmp_path, method):
     """Full fine-tuning (the vision tower too) writes a model that loads with
