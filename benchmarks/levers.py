@@ -20,7 +20,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mlx_llava  # noqa: E402  (the BLAS before MLX)
 import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
+
+from mlx_llava.models.clip import in_halves  # noqa: E402
 
 
 TOKENS = int(os.environ.get("LEVERS_DECODE_TOKENS", 16))
@@ -69,58 +72,28 @@ def decode(model, embeds, tokens=TOKENS):
     return run
 
 
-def vision(model, pixels, compiled=False):
+def vision(model, pixels, compiled=False, one_stream=False):
+    """The tower's 23 layers LLaVA uses and the projector; `one_stream`: the
+    attention and activation whole, as before models/clip.in_halves."""
+    from mlx_llava.models import clip
+
     tower = model.vision_tower
     layers = tower.vision_model.encoder.layers
     steps = [mx.compile(layer) if compiled else layer for layer in layers]
 
     def run():
-        x = tower.vision_model.pre_layrnorm(tower.vision_model.embeddings(pixels))
-        for step in steps[: len(layers) - 1]:
-            x = step(x)
-        return model.multi_modal_projector(x[:, 1:])
-    return run
-
-
-def split_layer(layer, streams):
-    """A CLIP encoder layer whose attention heads and MLP activation are cut in
-    two, each half on its own CPU stream (MLX runs a stream's element-wise
-    work on one core)."""
-    attn, mlp = layer.self_attn, layer.mlp
-
-    def run(x):
-        B, L, D = x.shape
-        h = layer.layer_norm1(x)
-        q, k, v = (proj(h).reshape(B, L, attn.num_heads, -1).transpose(0, 2, 1, 3)
-                   for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-        half = attn.num_heads // 2
-        outs = []
-        for s, part in zip(streams, (slice(0, half), slice(half, None))):
-            with mx.stream(s):
-                outs.append(mx.fast.scaled_dot_product_attention(q[:, part], k[:, part], v[:, part], scale=attn.scale))
-        o = mx.concatenate(outs, axis=1).transpose(0, 2, 1, 3).reshape(B, L, D)
-        x = x + attn.out_proj(o)
-        h = mlp.fc1(layer.layer_norm2(x))
-        cut = h.shape[-1] // 2
-        acts = []
-        for s, part in zip(streams, (slice(0, cut), slice(cut, None))):
-            with mx.stream(s):
-                acts.append(mlp.act(h[..., part]))
-        return x + mlp.fc2(mx.concatenate(acts, axis=-1))
-    return run
-
-
-def vision_split(model, pixels):
-    tower = model.vision_tower
-    layers = tower.vision_model.encoder.layers
-    streams = [mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)]
-    steps = [split_layer(layer, streams) for layer in layers]
-
-    def run():
-        x = tower.vision_model.pre_layrnorm(tower.vision_model.embeddings(pixels))
-        for step in steps[: len(layers) - 1]:
-            x = step(x)
-        return model.multi_modal_projector(x[:, 1:])
+        split = clip.in_halves
+        if one_stream:
+            clip.in_halves = lambda f, axis, *arrays: f(*arrays)
+        try:
+            x = tower.vision_model.pre_layrnorm(tower.vision_model.embeddings(pixels))
+            for step in steps[: len(layers) - 1]:
+                x = step(x)
+            out = model.multi_modal_projector(x[:, 1:])
+            mx.eval(out)
+        finally:
+            clip.in_halves = split
+        return out
     return run
 
 
@@ -129,7 +102,7 @@ def ops():
     CLIP layer's attention, and one-row products over 370 MB of weights
     (beyond the caches, as in decoding)."""
     def best(f, n=10):
-        mx.eval(f())
+        mx.eval(f())  # (numpy's results pass through mx.eval untouched)
         out = 1e9
         for _ in range(n):
             t = time.perf_counter()
@@ -141,15 +114,31 @@ def ops():
     xl, wl = mx.random.normal((626, 2048)), mx.random.normal((5632, 2048))
     q = mx.random.normal((1, 16, 577, 64))
     ws, v = [mx.random.normal((5632, 2048)) for _ in range(8)], mx.random.normal((1, 2048))
-    mx.eval(x, w, xl, wl, q, ws, v)
+    ql, kl = mx.random.normal((1, 32, 626, 64)), mx.random.normal((1, 4, 626, 64))
+    s = mx.random.normal((32, 626, 626))
+    mx.eval(x, w, xl, wl, q, ws, v, ql, kl, s)
+    s_np = np.array(s)
+    q32 = mx.quantize(ws[0], group_size=64, bits=4)
+    q16 = (q32[0], q32[1].astype(mx.float16), q32[2].astype(mx.float16))
     rows = {
         "CLIP fc1, 577x1024 @ 1024x4096": lambda: x @ w.T,
         "LLaMA MLP, 626x2048 @ 2048x5632": lambda: xl @ wl.T,
         "CLIP attention scores q @ k^T (16 heads of 577x64)": lambda: q @ q.transpose(0, 1, 3, 2),
         "CLIP attention, mx.fast.scaled_dot_product_attention": lambda: mx.fast.scaled_dot_product_attention(q, q, q, scale=0.125),
         "softmax of those scores alone": lambda: mx.softmax(q @ q.transpose(0, 1, 3, 2), -1),
+        "LLaMA attention, 32 heads (4 KV) of 626 tokens, causal": lambda: mx.fast.scaled_dot_product_attention(
+            ql, kl, kl, scale=0.125, mask="causal"),
+        "the same, heads in two halves on two CPU streams": lambda: in_halves(
+            lambda *a: mx.fast.scaled_dot_product_attention(*a, scale=0.125, mask="causal"), 1, ql, kl, kl),
+        "exp of its scores alone (12.5M floats)": lambda: mx.exp(s),
+        "a product of two such arrays": lambda: s * s,
+        "numpy's exp of the same floats": lambda: np.exp(s_np),
         "one row x @ W^T over 8 matrices 5632x2048 (370 MB)": lambda: [v @ m.T for m in ws],
         "the same as W @ x^T": lambda: [m @ v.T for m in ws],
+        "one row through a 4-bit 5632x2048 matrix, float32 scales and activations": lambda: mx.quantized_matmul(
+            v, *q32, transpose=True, group_size=64, bits=4),
+        "the same in float16 (what convert -q writes, as it runs unless cast)": lambda: mx.quantized_matmul(
+            v.astype(mx.float16), *q16, transpose=True, group_size=64, bits=4),
     }
     return {name: best(f) for name, f in rows.items()}
 
@@ -188,9 +177,9 @@ def main():
     if "decode" in args.only:
         variants["decode (tokens/s)"] = decode(model, embeds)
     if "vision" in args.only:
-        variants["vision tower + projector"] = vision(model, pixels)
-        variants["the same, each layer compiled"] = vision(model, pixels, compiled=True)
-        variants["the same, halves on 2 CPU streams"] = vision_split(model, pixels)
+        variants["vision tower + projector, one stream"] = vision(model, pixels, one_stream=True)
+        variants["the same, each layer compiled"] = vision(model, pixels, compiled=True, one_stream=True)
+        variants["the same, halves on 2 CPU streams (as mlx-llava runs it)"] = vision(model, pixels)
     results = {k: [] for k in variants}
     loads = []
     for name, f in variants.items():  # warm-up

@@ -103,3 +103,23 @@ def test_lm_head_is_the_checkpoints_own(model_dir):
     embed = np.array(model.language_model.model.embed_tokens.weight)
     assert head.shape == (TEXT["vocab_size"], TEXT["hidden_size"])
     assert not np.allclose(head, embed)
+
+
+def test_vision_tower_in_two_cpu_streams_equals_one_pass():
+    """On the CPU the tower's attention and activation run in two halves on
+    two streams (models/clip.in_halves): the same numbers as one pass, for
+    an odd number of heads and of features, grouped-query heads; on one stream it is f whole."""
+    from mlx_llava.models.clip import in_halves
+
+    q, k, v = (mx.random.normal((2, 5, 7, 8), key=mx.random.key(i)) for i in range(3))
+    attend = lambda *qkv: mx.fast.scaled_dot_product_attention(*qkv, scale=0.3)  # noqa: E731
+    assert mx.array_equal(in_halves(attend, 1, q, k, v), attend(q, k, v))
+    kv = [mx.random.normal((2, n, 7, 8)) for n in (2, 2)]  # grouped-query: 5 query heads per KV head
+    q10 = mx.random.normal((2, 10, 7, 8))
+    assert mx.array_equal(in_halves(attend, 1, q10, *kv), attend(q10, *kv))
+    odd = [mx.random.normal((2, 3, 7, 8)), mx.random.normal((2, 1, 7, 8)), mx.random.normal((2, 1, 7, 8))]
+    assert mx.array_equal(in_halves(attend, 1, *odd), attend(*odd))  # no even cut: whole
+    h = mx.random.normal((2, 7, 13))
+    assert mx.array_equal(in_halves(mx.sigmoid, -1, h), mx.sigmoid(h))
+    one = mx.random.normal((1, 1, 3))
+    assert mx.array_equal(in_halves(mx.sigmoid, 1, one), mx.sigmoid(one))

@@ -12,6 +12,7 @@ CLIPVisionModel as transformers 4 saves it (`vision_model.*`) or 5
 """
 
 from dataclasses import asdict, dataclass
+from functools import cache
 from typing import List, Optional
 
 import mlx.core as mx
@@ -86,6 +87,34 @@ ACTIVATIONS = {
 }
 
 
+@cache
+def cpu_streams() -> tuple:
+    return mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)
+
+
+def in_halves(f, axis: int, *arrays):
+    """`f(*arrays)` computed in two halves cut along `axis`, each on its own
+    CPU stream, and joined: MLX's CPU backend runs a stream's element-wise
+    work (the exp of softmax and of the activation) on one core, and this is
+    most of the tower's time after the matmuls. The result is the same. Each
+    array is cut at its own middle (keys and values with fewer heads than
+    the queries: the halves keep their grouping), so arrays of different
+    sizes must all be even. On other devices (Metal, CUDA) `f` runs whole."""
+    sizes = {a.shape[axis] for a in arrays}
+    if mx.default_device() != mx.cpu or min(sizes) < 2 or (len(sizes) > 1 and any(n % 2 for n in sizes)):
+        return f(*arrays)
+    halves = []
+    for stream, first in zip(cpu_streams(), (True, False)):
+        cut = []
+        for a in arrays:
+            n = a.shape[axis]
+            part = slice(0, n // 2) if first else slice(n // 2, n)
+            cut.append(a[(slice(None),) * (axis % a.ndim) + (part,)])
+        with mx.stream(stream):
+            halves.append(f(*cut))
+    return mx.concatenate(halves, axis=axis)
+
+
 class Attention(nn.Module):
     def __init__(self, dims: int, num_heads: int):
         super().__init__()
@@ -102,7 +131,7 @@ class Attention(nn.Module):
             p(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
             for p in (self.q_proj, self.k_proj, self.v_proj)
         )
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = in_halves(lambda *qkv: mx.fast.scaled_dot_product_attention(*qkv, scale=self.scale), 1, q, k, v)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
@@ -116,7 +145,7 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(in_halves(self.act, -1, self.fc1(x)))
 
 
 class EncoderLayer(nn.Module):
