@@ -119,6 +119,7 @@ def ops():
     mx.eval(x, w, xl, wl, q, ws, v, ql, kl, s)
     s_np = np.array(s)
     q32 = mx.quantize(ws[0], group_size=64, bits=4)
+    v64 = mx.random.normal((64, 2048))
     q16 = (q32[0], q32[1].astype(mx.float16), q32[2].astype(mx.float16))
     rows = {
         "CLIP fc1, 577x1024 @ 1024x4096": lambda: x @ w.T,
@@ -140,7 +141,19 @@ def ops():
         "the same in float16 (what convert -q writes, as it runs unless cast)": lambda: mx.quantized_matmul(
             v.astype(mx.float16), *q16, transpose=True, group_size=64, bits=4),
     }
-    return {name: best(f) for name, f in rows.items()}
+    rows["64 rows through the 4-bit matrix, float32 scales and activations"] = lambda: mx.quantized_matmul(
+        v64, *q32, transpose=True, group_size=64, bits=4)
+    rows["64 rows through the float32 matrix"] = lambda: v64 @ ws[0].T
+    out = {name: best(f) for name, f in rows.items()}
+    try:  # the same large products in torch (its own MKL), for comparison
+        import torch
+    except ImportError:
+        return out
+    tx, tw = torch.from_numpy(np.array(x)), torch.from_numpy(np.array(w))
+    txl, twl = torch.from_numpy(np.array(xl)), torch.from_numpy(np.array(wl))
+    out["torch: CLIP fc1, 577x1024 @ 1024x4096"] = best(lambda: torch.nn.functional.linear(tx, tw))
+    out["torch: LLaMA MLP, 626x2048 @ 2048x5632"] = best(lambda: torch.nn.functional.linear(txl, twl))
+    return out
 
 
 def main():

@@ -123,3 +123,20 @@ def test_vision_tower_in_two_cpu_streams_equals_one_pass():
     assert mx.array_equal(in_halves(mx.sigmoid, -1, h), mx.sigmoid(h))
     one = mx.random.normal((1, 1, 3))
     assert mx.array_equal(in_halves(mx.sigmoid, 1, one), mx.sigmoid(one))
+
+
+def test_vision_tower_halves_in_another_thread():
+    """MLX's streams belong to the thread that made them: the tower runs in
+    a second thread (the server's model thread) as in the first."""
+    import threading
+
+    from mlx_llava.models.clip import in_halves
+
+    h = mx.random.normal((2, 7, 12))
+    expected = mx.sigmoid(h)
+    mx.eval(h, expected, in_halves(mx.sigmoid, -1, h))  # this thread's streams first
+    out = []
+    worker = threading.Thread(target=lambda: out.append(mx.array_equal(in_halves(mx.sigmoid, -1, h), expected).item()))
+    worker.start()
+    worker.join()
+    assert out == [True]

@@ -11,8 +11,8 @@ CLIPVisionModel as transformers 4 saves it (`vision_model.*`) or 5
 (`embeddings.*`, `encoder.*`, ... with no prefix).
 """
 
+import threading
 from dataclasses import asdict, dataclass
-from functools import cache
 from typing import List, Optional
 
 import mlx.core as mx
@@ -87,9 +87,14 @@ ACTIVATIONS = {
 }
 
 
-@cache
+_thread = threading.local()
+
+
 def cpu_streams() -> tuple:
-    return mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)
+    """Two CPU streams of this thread (MLX's streams belong to the thread that made them)."""
+    if not hasattr(_thread, "streams"):
+        _thread.streams = mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)
+    return _thread.streams
 
 
 def in_halves(f, axis: int, *arrays):
