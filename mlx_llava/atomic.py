@@ -17,10 +17,10 @@ from .errors import LlavaError, write_failure
 
 
 @contextmanager
-def file(path):
+def file(path, what: str = ""):
     """Yield a temporary path beside `path`; it replaces `path` when the block
     ends well. A failed write (a full disk, a read-only folder) is one
-    LlavaError line about `path`."""
+    LlavaError line ("cannot write {what}{path}")."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
     try:
@@ -29,7 +29,7 @@ def file(path):
     except BaseException as e:
         why = write_failure(e)
         if why:
-            raise LlavaError(f"cannot write {path}: {why}") from None
+            raise LlavaError(f"cannot write {what}{path}: {why}") from None
         raise
     finally:
         if tmp.exists():

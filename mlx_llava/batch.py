@@ -26,13 +26,14 @@ measured equal to the single ones, bit for bit; see tests/test_batch.py).
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import accumulate, islice
 from typing import Iterable, Iterator, List, Optional, Sequence
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator as _MLXBatchGenerator
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 from mlx_lm.sample_utils import apply_top_p, make_logits_processors, make_sampler
+from mlx_lm.utils import common_prefix_len
 
 from .conversation import IMAGE_PLACEHOLDER
 from .errors import LlavaError
@@ -118,7 +119,7 @@ class PrefixCache:
         """(length of the longest prefix of `key` held, that entry's cache or None)."""
         best, best_n = None, 0
         for k in self.entries:
-            n = _common_prefix(k, key)
+            n = common_prefix_len(k, key)
             if n > best_n:
                 best, best_n = k, n
         if best is None:
@@ -161,19 +162,22 @@ class PrefixCache:
         return out
 
 
-def _common_prefix(a, b) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
 def image_digest(image) -> str:
     """Which image this is, by its pixels (a PIL image after load_image)."""
     h = hashlib.sha1(f"{image.mode}{image.size}".encode())
     h.update(image.tobytes())
     return h.hexdigest()
+
+
+def encode_each(model, processor, images: list) -> list:
+    """Each image's visual tokens (T, D), from one vision-tower call (T
+    differs between images with AnyRes)."""
+    pixels, sizes = processor.image_inputs(images)
+    encoded = model.encode_images(pixels, sizes)
+    if encoded.ndim == 3:  # (images, tokens, D)
+        return list(encoded)
+    counts = [processor.visual_tokens(size) for size in sizes]  # AnyRes: (all tokens, D)
+    return mx.split(encoded, list(accumulate(counts))[:-1])
 
 
 def seeded_sampler(temperature: float, top_p: float, seed: int):
@@ -268,17 +272,9 @@ class BatchGenerator:
         # crop of them), in one vision-tower call.
         todo = {}
         for ids, (start, _), ims, ds, c in zip(prompts, reuse, loaded, digests, counts):
-            for image, d, n in list(zip(ims, ds, c))[self.images_before(ids, start, c):]:
-                todo.setdefault(d, (image, n))
-        features = {}
-        if todo:
-            encoded = self.model.encode_images(*self.processor.image_inputs([im for im, _ in todo.values()]))
-            if encoded.ndim == 3:  # (images, tokens, D)
-                features = dict(zip(todo, encoded))
-            else:  # AnyRes: (all tokens, D), each image's count in turn
-                first = 0
-                for d, (_, n) in todo.items():
-                    features[d], first = encoded[first:first + n], first + n
+            for image, d in list(zip(ims, ds))[self.images_before(ids, start, c):]:
+                todo.setdefault(d, image)
+        features = dict(zip(todo, encode_each(self.model, self.processor, list(todo.values())))) if todo else {}
 
         def own(i, start):
             mine = digests[i][self.images_before(prompts[i], start, counts[i]):]
@@ -336,7 +332,7 @@ class BatchGenerator:
     def covers(earlier: list, key: list) -> bool:
         """Whether `earlier` shares with `key` a prefix holding all of key's images."""
         images = [n for n, k in enumerate(key) if isinstance(k, tuple)]
-        return bool(images) and _common_prefix(earlier, key) > images[-1] + 1
+        return bool(images) and common_prefix_len(earlier, key) > images[-1] + 1
 
     def reusable(self, key: list) -> tuple:
         """(how many leading positions of `key` can come from the prefix cache, its entry)."""

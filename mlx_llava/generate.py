@@ -14,7 +14,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
 
@@ -34,9 +33,12 @@ from mlx_lm.models.cache import (
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from mlx_lm.utils import common_prefix_len
 
-from .batch import only_text_tokens  # the logits mask, one definition shared with batching
+from . import atomic
+# One definition each, shared with batching: the logits mask, an image's identity,
+# a cache prefix, each image's visual tokens from one vision-tower call.
+from .batch import PrefixCache, encode_each, image_digest, only_text_tokens
 from .conversation import IMAGE_PLACEHOLDER
-from .errors import LlavaError, check_sampling, is_int, is_number, write_failure
+from .errors import LlavaError, check_sampling, is_int, is_number
 from .image import load_image
 
 # Chunks of the prompt the language model prefills at once (mlx-lm's
@@ -67,7 +69,6 @@ class Chat:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
         self.images = []  # PIL images, in prompt order
         self.features = []  # their visual tokens (None until needed), computed once each
-        self.keys = []  # what identifies each image in a prompt cache file (None until needed)
         self.pending_image = pending
         self.cache = make_prompt_cache(self.model.language_model)
         self.tokens = []  # the token ids whose keys and values are in the cache
@@ -81,7 +82,7 @@ class Chat:
         self.messages = self.messages[:1] if self.system else []
         self.pending_image = first[0] if first else self.pending_image
         self.images = []
-        self.features, self.keys = (self.features[:1], self.keys[:1]) if first else ([], [])
+        self.features = self.features[:1] if first else []
         self.said = None
 
     def ask(self, question: str, image=None, max_tokens: int = 256, temperature: float = 0.0,
@@ -121,7 +122,6 @@ class Chat:
             )
         self.images, self.messages, self.pending_image = images, messages, None
         self.features = (self.features + [None] * len(images))[: len(images)]
-        self.keys = (self.keys + [None] * len(images))[: len(images)]
         max_tokens = context - len(ids) if max_tokens == -1 else min(max_tokens, context - len(ids))
         if seed is not None:
             mx.random.seed(seed)
@@ -233,15 +233,9 @@ class Chat:
 
     def encode_images(self, indices: list):
         """Visual tokens (T, D) for these images, in one call of the vision tower."""
-        if not indices:
-            return
-        pixels, sizes = self.processor.image_inputs([self.images[i] for i in indices])
-        visual = self.model.encode_images(pixels, sizes)
-        if visual.ndim == 2:  # AnyRes: every image's tokens, one after another
-            counts = [self.processor.visual_tokens(size) for size in sizes]
-            visual = mx.split(visual, list(itertools.accumulate(counts))[:-1])
-        for i, features in zip(indices, visual):
-            self.features[i] = features
+        if indices:
+            for i, features in zip(indices, encode_each(self.model, self.processor, [self.images[i] for i in indices])):
+                self.features[i] = features
 
     # ------------------------------------------------------------ prompt cache files
 
@@ -258,30 +252,15 @@ class Chat:
         n = min(length or len(self.prompt_ids) or len(self.tokens), len(self.tokens))
         tokens = self.tokens[:n]
         held, counts = tokens.count(self.processor.image_token_index), self.counts()
-        images = sum(1 for end, n in zip(itertools.accumulate(counts), counts) if end - n < held)
-        prefix = []
-        for c in self.cache:
-            p = KVCache()
-            p.state = (c.keys[..., :n, :], c.values[..., :n, :], n)
-            prefix.append(p)
+        images = sum(1 for end, count in zip(itertools.accumulate(counts), counts) if end - count < held)
         metadata = {
             "format": PROMPT_CACHE_FORMAT,
             "model": model_fingerprint(self.model),
-            "images": json.dumps(self.image_keys()[:images]),
+            "images": json.dumps([image_digest(im) for im in self.images[:images]]),
             "tokens": json.dumps(tokens),
         }
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.safetensors")
-        try:
-            save_prompt_cache(str(tmp), prefix, metadata)
-            os.replace(tmp, path)
-        except (OSError, RuntimeError) as e:
-            why = write_failure(e)
-            if why is None:
-                raise
-            raise LlavaError(f"cannot write the prompt cache {path}: {why}") from None
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic.file(path, what="the prompt cache ") as tmp:
+            save_prompt_cache(str(tmp), PrefixCache.reuse(self.cache, n), metadata)
 
     def load_prompt_cache(self, path):
         """Take the keys and values of a file `save_prompt_cache` wrote, if
@@ -301,7 +280,7 @@ class Chat:
             raise LlavaError(f"{path} is a prompt cache of another model: refused (delete it, or name another file)")
         images = json.loads(metadata["images"])
         pending = [self.pending_image] if self.pending_image is not None else []
-        mine = self.image_keys(self.images + pending)
+        mine = [image_digest(im) for im in self.images + pending]
         if mine[: len(images)] != images:
             what = "another image" if images and len(mine) >= len(images) else f"{len(images)} image(s), this conversation {len(mine)}"
             raise LlavaError(f"{path} is a prompt cache made for {what}: refused (delete it, or name another file)")
@@ -310,22 +289,8 @@ class Chat:
             raise LlavaError(f"{path} is damaged: its keys and values do not match its {len(tokens)} tokens")
         self.cache, self.tokens = cache, tokens
 
-    def image_keys(self, images=None) -> list:
-        """A digest of each image as the vision tower sees it (its pixels)."""
-        if images is not None:
-            cached = {id(im): k for im, k in zip(self.images, self.keys) if k is not None}
-            return [cached.get(id(im)) or pixel_key(self.processor, im) for im in images]
-        for i, key in enumerate(self.keys):
-            if key is None:
-                self.keys[i] = pixel_key(self.processor, self.images[i])
-        return list(self.keys)
-
 
 PROMPT_CACHE_FORMAT = "mlx-llava-prompt-cache-1"
-
-
-def pixel_key(processor, image) -> str:
-    return hashlib.sha1(np.asarray(processor.preprocess([image])).tobytes()).hexdigest()
 
 
 def model_fingerprint(model) -> str:
