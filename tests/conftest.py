@@ -144,3 +144,11 @@ def reference(tmp_path_factory, tokenizer_dir):
 @pytest.fixture(scope="session")
 def model_dir(reference):
     return reference[1]
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    """(model, processor) of model_dir, loaded once per test module."""
+    import mlx_llava
+
+    return mlx_llava.load(model_dir)

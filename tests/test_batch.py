@@ -24,11 +24,6 @@ QUESTIONS = ["What is in the image?", "Describe the image briefly.", "How many o
 
 
 @pytest.fixture(scope="module")
-def loaded(model_dir):
-    return mlx_llava.load(model_dir)
-
-
-@pytest.fixture(scope="module")
 def pictures(tmp_path_factory):
     """Six different images of different sizes (so different pixels after padding)."""
     folder = tmp_path_factory.mktemp("pictures")

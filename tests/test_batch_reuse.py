@@ -6,15 +6,9 @@ import mlx.core as mx
 import pytest
 from PIL import Image
 
-import mlx_llava
 from mlx_llava import stream_generate
 from mlx_llava.batch import BatchGenerator, PrefixCache, Request
 from mlx_llava.generate import Chat
-
-
-@pytest.fixture(scope="module")
-def loaded(model_dir):
-    return mlx_llava.load(model_dir)
 
 
 @pytest.fixture(scope="module")

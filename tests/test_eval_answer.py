@@ -18,11 +18,6 @@ LETTER = "Answer with the option's letter from the given choices directly."
 
 
 @pytest.fixture(scope="module")
-def loaded(model_dir):
-    return mlx_llava.load(model_dir)
-
-
-@pytest.fixture(scope="module")
 def images(tmp_path_factory):
     folder = tmp_path_factory.mktemp("images")
     for k in range(4):

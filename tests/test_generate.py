@@ -10,11 +10,6 @@ from mlx_llava import Chat, LlavaError, generate, stream_generate
 
 
 @pytest.fixture(scope="module")
-def loaded(model_dir):
-    return mlx_llava.load(model_dir)
-
-
-@pytest.fixture(scope="module")
 def picture(tmp_path_factory):
     path = tmp_path_factory.mktemp("img") / "picture.png"
     image = Image.new("RGB", (40, 30), (200, 30, 30))
