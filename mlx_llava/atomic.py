@@ -18,12 +18,13 @@ from .errors import LlavaError, write_failure
 
 @contextmanager
 def file(path, what: str = ""):
-    """Yield a temporary path beside `path`; it replaces `path` when the block
-    ends well. A failed write (a full disk, a read-only folder) is one
-    LlavaError line ("cannot write {what}{path}")."""
+    """Yield a temporary path beside `path` (its folder made if missing); it
+    replaces `path` when the block ends well. A failed write (a full disk, a
+    read-only folder) is one LlavaError line ("cannot write {what}{path}")."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # as check_output allows, and folder() does
         yield tmp
         os.replace(tmp, path)
     except BaseException as e:

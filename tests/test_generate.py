@@ -103,7 +103,7 @@ def test_prompt_cache_file(loaded, picture, tmp_path):
     """A prompt cache saved by one run makes another skip the vision tower and
     the prefill of the image, with the same tokens as a fresh run."""
     model, processor = loaded
-    path = tmp_path / "cat.safetensors"
+    path = tmp_path / "new folder" / "cat.safetensors"  # made when missing, as any output's
     first = [r.token for r in stream_generate(model, processor, "What is in the image?", image=picture,
                                               max_tokens=5, prompt_cache=path)]
     assert path.is_file()
